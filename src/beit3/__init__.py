@@ -1,0 +1,2 @@
+"""BEiT-3 end to end."""
+__version__ = "0.1.0"
