@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = [
     "beit3.models.commands",
+    "beit3.training.commands",
 ]
 
 

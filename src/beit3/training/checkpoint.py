@@ -1,0 +1,231 @@
+"""Checkpoint folders that survive being killed at any instant.
+
+A checkpoint is a folder ``step_<8 digits>/`` holding
+
+* ``model.safetensors`` (and ``ema.safetensors``): full, unsharded weights, loadable without torch
+  pickles; with the model's ``config.json`` the folder doubles as a ``from_pretrained`` folder;
+* ``trainer_state.pt``: optimizer, schedule, loss scaler, RNG states, data position and counters,
+  as tensors and plain types only, so it loads with ``torch.load(weights_only=True)``;
+* ``run.yaml``: the run configuration;
+* ``manifest.json``: written last, the step and the size and SHA-256 of every file.
+
+Everything is written into ``step_<n>.tmp-<pid>/`` and the folder is renamed into place only when
+complete, so a run killed mid-save leaves a temp folder that resume ignores and the previous
+checkpoint intact. Resume verifies the manifest and falls back to older checkpoints on mismatch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("beit3.training")
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "trainer_state.pt"
+BEST_FILE = "best.json"
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses shared storage (tied weights), so repeated storages are cloned."""
+    seen: set[tuple[int, int]] = set()
+    plain = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()
+        seen.add(key)
+        plain[name] = tensor
+    save_file(plain, str(path), metadata={"format": "pt"})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
+    text_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a complete checkpoint folder atomically (call on one process only)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(root, step)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(model_state, tmp / MODEL_FILE)
+    if ema_state is not None:
+        _save_tensors(ema_state, tmp / EMA_FILE)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    for name, text in (text_files or {}).items():
+        (tmp / name).write_text(text)
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync_file(path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    if final.exists():
+        # Same step saved twice (e.g. the last periodic save and the end of training): swap the
+        # old folder out first so there is never a moment without a complete copy on disk.
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest first (temp folders are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise ``ValueError`` unless every file the manifest lists is present and unchanged."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{path} has no {MANIFEST}")
+    manifest = json.loads(manifest_path.read_text())
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise ValueError(f"{file} has {file.stat().st_size} bytes, expected {expected['bytes']}")
+        if _sha256(file) != expected["sha256"]:
+            raise ValueError(f"{file} does not match its checksum")
+
+
+def find_resumable(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+    for path in list_checkpoints(root):
+        try:
+            verify_checkpoint(path)
+        except (ValueError, OSError, json.JSONDecodeError, KeyError) as err:
+            logger.warning("skipping damaged checkpoint %s: %s", path, err)
+            continue
+        return path
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """(model weights, trainer state, EMA weights or None) of a checkpoint folder."""
+    model_state = load_file(str(path / MODEL_FILE))
+    trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    ema_state = load_file(str(path / EMA_FILE)) if (path / EMA_FILE).is_file() else None
+    return model_state, trainer_state, ema_state
+
+
+def read_best(root: Path) -> dict[str, Any] | None:
+    path = root / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_best(root: Path, step: int, metric_name: str, value: float) -> None:
+    """Point ``best.json`` at a checkpoint; the folder is then exempt from pruning."""
+    record = {"step": step, "path": checkpoint_path(root, step).name, "metric": metric_name, "value": value}
+    atomic_write_text(root / BEST_FILE, json.dumps(record, indent=2))
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one, and stale temp folders."""
+    best = read_best(root)
+    keep = {p.name for p in list_checkpoints(root)[:keep_last]}
+    if best is not None:
+        keep.add(best["path"])
+    for path in list_checkpoints(root):
+        if path.name not in keep:
+            shutil.rmtree(path)
+    for path in root.iterdir():
+        if ".tmp-" in path.name or ".old-" in path.name:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """All RNG states as tensors / numbers, so ``torch.load(weights_only=True)`` can read them."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python_version": version,
+        "python_state": torch.tensor(mt_state, dtype=torch.int64),
+        "python_gauss": gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+         state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,80 @@
+"""``beit3 pretrain`` and ``beit3 finetune``: load a recipe, apply overrides, run the engine."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import textwrap
+
+from beit3.training.config import load_config
+from beit3.training.loop import Trainer
+from beit3.training.task import TaskKind, build_task, registered_tasks
+
+_EPILOG = """\
+Any recipe key can be overridden as section.key=value (values are YAML):
+  optim.lr=2e-5  data.batch_size=256  train.precision=bf16  parallel.strategy=fsdp
+  task.options.label_smoothing=0.1  schedule.max_steps=100  train.resume=auto
+
+examples:
+  # one process (CPU or one GPU)
+  beit3 {cmd} --recipe configs/{recipe} train.output_dir=runs/x
+  # 8 GPUs on one node; the recipe's batch is global, so accumulation fills any gap
+  torchrun --nproc_per_node 8 -m beit3 {cmd} --recipe configs/{recipe}
+  # 2 nodes x 8 GPUs with FSDP2 and activation checkpointing (run on every node)
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+      -m beit3 {cmd} --recipe configs/{recipe} parallel.strategy=fsdp parallel.activation_checkpointing=true
+  # continue a killed or preempted run from its newest intact checkpoint
+  beit3 {cmd} --recipe configs/{recipe} --resume auto
+  # show the resolved configuration without training
+  beit3 {cmd} --recipe configs/{recipe} --print-config
+"""
+
+
+def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, recipe: str, help_text: str) -> None:
+    parser = subparsers.add_parser(
+        kind,
+        help=help_text,
+        description=help_text + ". See docs/training.md.",
+        epilog=_EPILOG.format(cmd=kind, recipe=recipe),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. configs/" + recipe)
+    parser.add_argument("--task", help="task name, overriding task.name of the recipe")
+    parser.add_argument("--output-dir", help="run folder (train.output_dir)")
+    parser.add_argument("--resume", help="'auto' (newest intact checkpoint in the run folder) or a checkpoint path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    parser.set_defaults(func=lambda args: run(args, kind))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _add_parser(subparsers, "pretrain", "pretrain_base_224.yaml", "Pretrain a BEiT-3 model with masked data modeling")
+    _add_parser(subparsers, "finetune", "vqav2_base_480.yaml", "Fine-tune a BEiT-3 model on a downstream task")
+
+
+def run(args: argparse.Namespace, kind: TaskKind) -> int:
+    """Exit status: 0 done, 1 stopped on non-finite losses, 128+signal when stopped by a signal."""
+    if args.list_tasks:
+        for name, entry in sorted(registered_tasks().items()):
+            if entry.kind == kind:
+                print(f"{name:24s} {entry.description}")
+        return 0
+    overrides = list(args.overrides)
+    for flag, key in ((args.task, "task.name"), (args.output_dir, "train.output_dir"), (args.resume, "train.resume")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    cfg = load_config(args.recipe, overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    task = build_task(cfg, kind)
+    result = Trainer(cfg, task).fit()
+    if result.stop_reason == "nonfinite":
+        print(textwrap.fill(f"beit3 {kind}: stopped after {cfg.train.max_nonfinite_steps} consecutive non-finite "
+                            f"losses at step {result.step}; the last checkpoint is {result.last_checkpoint}"),
+              file=sys.stderr)
+        return 1
+    if result.stop_reason == "signal":
+        return 128 + int(result.signal_number or signal.SIGTERM)
+    return 0

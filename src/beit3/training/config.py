@@ -1,0 +1,330 @@
+"""Typed run configuration: YAML recipe -> dataclasses -> ``section.key=value`` overrides.
+
+A recipe is plain YAML with one mapping per section (``task``, ``model``, ``data``, ``optim``,
+``schedule``, ``train``, ``parallel``). Every key is checked against the dataclass fields below, so a
+typo (``optim.lrr``) is an error that names the key instead of a silently ignored setting, which is
+how the official 79-flag script loses settings. Only ``task.options`` is free-form: it belongs to the
+task, which validates it when it is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class TaskSection:
+    """Which task trains, and its own settings (validated by the task, not here)."""
+
+    name: str = ""
+    """Registered task name (``vqav2``, ``imagenet``, ...) or ``package.module:factory``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Task-specific settings: loss options, augmentation, text length, number of classes."""
+
+
+@dataclass
+class ModelSection:
+    """What the task builds; the task decides how these map onto its model class."""
+
+    preset: str = "base"
+    """Model size preset: ``tiny``, ``base``, ``large`` or ``giant``."""
+    pretrained: str | None = None
+    """Checkpoint (file or folder) to initialise from; ``None`` trains from scratch."""
+    image_size: int = 224
+    """Input resolution; position tables are interpolated when it differs from the checkpoint."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate of the last block (linearly increasing over depth)."""
+
+
+@dataclass
+class DataSection:
+    """Batching. Sizes are global so a recipe means the same thing on 1 or 64 processes."""
+
+    root: str | None = None
+    """Dataset root folder passed to the task."""
+    batch_size: int = 8
+    """Samples per optimiser step over all processes (the official "effective batch")."""
+    micro_batch_size: int | None = None
+    """Samples per forward on one process; ``None`` uses batch_size / world_size. Gradient
+    accumulation steps are derived as batch_size / (micro_batch_size * world_size)."""
+    eval_batch_size: int | None = None
+    """Per-process evaluation batch; ``None`` uses the micro-batch size."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW with per-group weight decay, layer-wise LR decay and a task-head LR multiplier."""
+
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-6
+    """Floor the cosine decays to."""
+    warmup_lr: float = 0.0
+    """Learning rate at step 0; warmup is linear from here to ``lr`` (the official script
+    accepts ``--warmup_lr`` but never uses it, always starting from 0)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay for matrices; biases, 1-D tensors and ``no_weight_decay()`` get 0."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float = 1.0
+    """LR scale ``layer_decay ** (num_layers + 1 - layer_id)``; 1.0 turns it off."""
+    head_lr_scale: float = 1.0
+    """Extra LR multiplier for top-level parameters whose name starts with ``head``
+    (official ``--task_head_lr_weight``; the pooler keeps 1)."""
+    clip_grad: float | None = None
+    """Max global gradient norm; ``None`` disables clipping."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay; evaluation and the
+    exported model then use the averaged weights."""
+
+
+@dataclass
+class ScheduleSection:
+    """Linear warmup then cosine to ``optim.min_lr``, counted in optimiser steps."""
+
+    epochs: int = 1
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None
+    """Overrides ``warmup_epochs`` when set."""
+    max_steps: int | None = None
+    """Overrides ``epochs`` when set (useful for smoke tests and benchmarks)."""
+
+
+@dataclass
+class TrainSection:
+    """Run bookkeeping: output, precision, logging, evaluation and checkpoint cadence."""
+
+    output_dir: str = "runs/default"
+    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype; ``fp16`` adds a dynamic loss scaler (as DeepSpeed fp16 did officially)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (CPU runs are deterministic regardless)."""
+    log_every: int = 10
+    """Optimiser steps between ``metrics.jsonl`` / TensorBoard train records."""
+    eval_every: int | None = None
+    """Steps between evaluations; ``None`` evaluates at the end of every epoch."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints; ``None`` checkpoints at the end of every epoch."""
+    keep_last: int = 2
+    """Number of periodic checkpoints kept besides the best one."""
+    max_nonfinite_steps: int = 5
+    """Stop (after writing a checkpoint) when this many consecutive steps had a non-finite loss."""
+    resume: str | None = None
+    """``auto`` continues from the newest intact checkpoint in ``output_dir`` (starting fresh when
+    there is none), a path resumes from that checkpoint, ``None`` starts fresh."""
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelSection:
+    """How the single-device model is spread over processes (applied from outside the model)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp`` replicates the model; ``fsdp`` shards parameters, gradients and optimizer state
+    with FSDP2 ``fully_shard`` per block, then the root (needed for large/giant on small GPUs)."""
+    block_lists: list[str] | None = None
+    """Dotted paths of ``nn.ModuleList``s whose items are the sharding / checkpointing units;
+    ``None`` uses every ModuleList attribute named ``layers``."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (ZeRO-3) instead of keeping them (ZeRO-2)."""
+    timeout_minutes: int = 30
+    """Collective timeout before a hung process group aborts."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved as ``run.yaml`` next to its checkpoints."""
+
+    task: TaskSection = field(default_factory=TaskSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists) that YAML and JSON can write."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        """Cross-field checks that do not depend on the world size (those live in the loop)."""
+        problems = []
+        if not self.task.name:
+            problems.append("task.name is empty")
+        if self.data.batch_size <= 0:
+            problems.append("data.batch_size must be positive")
+        if self.data.micro_batch_size is not None and self.data.micro_batch_size <= 0:
+            problems.append("data.micro_batch_size must be positive")
+        if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.warmup_lr < 0:
+            problems.append("optim.lr must be positive and optim.min_lr / optim.warmup_lr non-negative")
+        if not 0 < self.optim.layer_decay <= 1:
+            problems.append("optim.layer_decay must be in (0, 1]")
+        if self.optim.ema_decay is not None and not 0 < self.optim.ema_decay < 1:
+            problems.append("optim.ema_decay must be in (0, 1)")
+        if self.schedule.epochs <= 0 and self.schedule.max_steps is None:
+            problems.append("schedule.epochs must be positive (or set schedule.max_steps)")
+        if self.train.keep_last < 1:
+            problems.append("train.keep_last must be at least 1")
+        if self.train.max_nonfinite_steps < 1:
+            problems.append("train.max_nonfinite_steps must be at least 1")
+        if self.parallel.strategy == "fsdp" and self.train.precision == "fp16":
+            problems.append("fp16 with FSDP is not supported (its loss scaler is not shard-aware); "
+                            "use train.precision=bf16")
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, choices: list[str]) -> KeyError:
+    close = difflib.get_close_matches(key, choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return KeyError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(sorted(choices))}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field type, converting only where YAML is lossy.
+
+    PyYAML reads ``3e-5`` as a string (YAML 1.1 wants ``3.0e-5``), and CLI overrides arrive as
+    text, so numeric strings are accepted for float fields; anything else of the wrong type is an
+    error naming the key.
+    """
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported field type {hint!r}")
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a validated config; unknown sections or keys raise ``KeyError`` naming them."""
+    if not isinstance(raw, dict):
+        raise ValueError("a recipe must be a mapping of sections")
+    sections = _field_types(RunConfig)
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise _unknown(name, list(sections))
+        cls = sections[name]
+        types_ = _field_types(cls)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"section '{name}' must be a mapping, got {values!r}")
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types_:
+                raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in types_])
+            kwargs[key] = _coerce(value, types_[key], f"{name}.{key}")
+        built[name] = cls(**kwargs)
+    cfg = RunConfig(**built)
+    cfg.validate()
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is read as YAML (``1e-4`` -> float, ``null`` -> None)."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form section.key=value")
+    dotted, _, literal = text.partition("=")
+    path = dotted.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ValueError(f"override '{text}' must name a section and a key, e.g. optim.lr=1e-4")
+    value = yaml.safe_load(literal) if literal.strip() else ""
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the recipe dict with each ``a.b.c=value`` applied in order.
+
+    ``task.options.<name>`` may create new keys (the task validates them); every other path must
+    already be a config field, which :func:`config_from_dict` checks afterwards.
+    """
+    merged = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe (or start from defaults when ``None``) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+    return config_from_dict(apply_overrides(raw, list(overrides)))

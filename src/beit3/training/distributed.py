@@ -1,0 +1,229 @@
+"""Process-group setup, data sharding and the DDP / FSDP2 wrappers.
+
+Everything reads the environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), so
+one command runs as a single CPU process, on N GPUs, or across nodes. Without those variables no
+process group is created and every helper degrades to the single-process case.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Start the process group when launched by torchrun: nccl with GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes in place (a no-op for one process); returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable value from ``src`` to every process (identity for one process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Collect one picklable value per process, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class TrainSampler(Sampler[int]):
+    """Epoch-seeded shuffle where each global batch is split into contiguous per-rank slices.
+
+    Global batch ``k`` is ``perm[k*B:(k+1)*B]`` whatever the world size, and rank ``r`` reads
+    slice ``r`` of it, so 1 process with batch 8 and 2 processes with 4 each see the same samples
+    per optimiser step. The incomplete last global batch is dropped (as the official
+    ``iters_per_epoch = len // global_batch``). ``start_batch`` skips already-trained batches
+    of the epoch on resume without loading them.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=generator).tolist()
+        per_rank = self.global_batch // self.world_size
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            first = batch * self.global_batch + self.rank * per_rank
+            yield from perm[first : first + per_rank]
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * (self.global_batch // self.world_size)
+
+
+class EvalSampler(Sampler[tuple[int, bool]]):
+    """Strided shard of the evaluation set, padded so every rank runs the same number of batches.
+
+    FSDP needs all ranks in every forward, so shards must have equal length. The sampler yields
+    ``(index, is_padding)``; :class:`EvalDataset` turns the flag into the batch key
+    ``is_padding`` so the task leaves repeated samples out of its metric.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = math.ceil(num_samples / world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        for i in range(self.per_rank):
+            position = self.rank + i * self.world_size
+            yield position % self.num_samples, position >= self.num_samples
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class EvalDataset(Dataset):
+    """Adds ``is_padding`` to each (dict) sample of the wrapped evaluation dataset."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict:
+        index, is_padding = key
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            raise TypeError(f"evaluation samples must be dicts, got {type(item).__name__}")
+        return {**item, "is_padding": is_padding}
+
+
+def find_blocks(model: nn.Module, block_lists: list[str] | None) -> list[nn.Module]:
+    """The modules that form sharding / activation-checkpointing units, in model order."""
+    if block_lists is None:
+        lists = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "layers"]
+    else:
+        lists = []
+        for path in block_lists:
+            module = model.get_submodule(path)
+            if not isinstance(module, nn.ModuleList):
+                raise ValueError(f"parallel.block_lists: '{path}' is a {type(module).__name__}, not a ModuleList")
+            lists.append(module)
+    return [block for modules in lists for block in modules]
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
+    """Recompute each block in backward; the composable API keeps parameter names unchanged."""
+    from torch.distributed._composable import checkpoint
+
+    for block in blocks:
+        checkpoint(block)
+
+
+def apply_fsdp(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    *,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+) -> nn.Module:
+    """FSDP2: shard each block, then the root, over a 1-D mesh of all processes.
+
+    With ``param_dtype`` set, parameters are gathered in that dtype for compute while gradients
+    are reduced and stored in float32 (the FSDP form of bf16 mixed precision).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

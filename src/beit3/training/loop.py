@@ -1,0 +1,489 @@
+"""The training loop: one implementation for every task, one process or many.
+
+Order of construction follows torchtitan: build the single-device model (same seed on every
+process), apply activation checkpointing, then FSDP2 per block and root (or DDP), then the
+optimizer over the model's own parameter names, then restore a checkpoint if asked. The loop knows
+nothing about the objective: the task maps a batch to ``(loss, logs)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.data import DataLoader
+
+from beit3.training import checkpoint as ckpt
+from beit3.training import distributed as D
+from beit3.training.config import RunConfig
+from beit3.training.logging import RunLogger, format_summary, logger, setup_console_logging
+from beit3.training.optim import WarmupCosineSchedule, WeightEma, param_groups
+from beit3.training.task import TrainTask
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """How a run ended, returned by :meth:`Trainer.fit` (also written to ``summary.json``)."""
+
+    stop_reason: str
+    """``completed``, ``signal`` (SIGTERM/SIGINT, checkpoint written) or ``nonfinite``."""
+    step: int
+    best_step: int | None = None
+    best_value: float | None = None
+    last_checkpoint: Path | None = None
+    signal_number: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs one :class:`RunConfig` with one :class:`TrainTask`.
+
+    ``fit()`` initialises ``torch.distributed`` from the torchrun environment when present, so
+    the same call works in a test process, under ``torchrun --nproc_per_node 8`` and across nodes.
+    """
+
+    def __init__(self, cfg: RunConfig, task: TrainTask) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.task = task
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.dist = D.init_distributed(cfg.parallel.timeout_minutes)
+        setup_console_logging(self.dist.is_main)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        world, rank = self.dist.world_size, self.dist.rank
+
+        # Same seed on every process while building, so replicas (and FSDP shards) agree.
+        seed_everything(cfg.train.seed)
+        model = self.task.build_model(cfg).to(self.dist.device)
+        self.train_set, self.val_set = self.task.build_datasets(cfg)
+        seed_everything(cfg.train.seed + rank)
+
+        micro = cfg.data.micro_batch_size or cfg.data.batch_size // world
+        if micro <= 0 or cfg.data.batch_size % (micro * world):
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} must be a multiple of micro_batch_size ({micro}) "
+                f"x world size ({world})"
+            )
+        self.micro_batch = micro
+        self.accum_steps = cfg.data.batch_size // (micro * world)
+        self.sampler = D.TrainSampler(len(self.train_set), cfg.data.batch_size, rank, world, cfg.train.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(self.train_set)}) is smaller than one batch ({cfg.data.batch_size})")
+        self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
+        warmup = cfg.schedule.warmup_steps
+        if warmup is None:
+            warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+
+        self.autocast_dtype = _DTYPES[cfg.train.precision]
+        blocks = D.find_blocks(model, cfg.parallel.block_lists)
+        if cfg.parallel.activation_checkpointing:
+            D.apply_activation_checkpointing(blocks)
+        self.raw_model = model
+        self.strategy = "single"
+        if world > 1 and cfg.parallel.strategy == "fsdp":
+            D.apply_fsdp(
+                model,
+                blocks,
+                device=self.dist.device,
+                param_dtype=None if cfg.train.precision == "fp32" else self.autocast_dtype,
+                reshard_after_forward=cfg.parallel.reshard_after_forward,
+            )
+            self.model = model
+            self.strategy = "fsdp"
+        elif world > 1:
+            self.model = D.apply_ddp(model, self.dist.device)
+            self.strategy = "ddp"
+        else:
+            self.model = model
+
+        groups = param_groups(
+            self.raw_model,
+            weight_decay=cfg.optim.weight_decay,
+            layer_decay=cfg.optim.layer_decay,
+            head_lr_scale=cfg.optim.head_lr_scale,
+        )
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.schedule = WarmupCosineSchedule(
+            self.optimizer,
+            base_lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr,
+            warmup_lr=cfg.optim.warmup_lr,
+            warmup_steps=warmup,
+            total_steps=self.total_steps,
+        )
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=cfg.train.precision == "fp16")
+        self.ema = WeightEma(self.raw_model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.best: dict[str, Any] | None = None
+        self._maybe_resume()
+
+    def _resume_path(self) -> Path | None:
+        choice = self.cfg.train.resume
+        if choice is None:
+            return None
+        if choice == "auto":
+            found = ckpt.find_resumable(self.checkpoint_root) if self.dist.is_main else None
+            found = D.broadcast_object(found)
+            if found is None:
+                logger.info("resume=auto: no checkpoint in %s, starting fresh", self.checkpoint_root)
+            return found  # type: ignore[return-value]
+        path = Path(choice)
+        if self.dist.is_main:
+            ckpt.verify_checkpoint(path)
+        return path
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        model_state, state, ema_state = ckpt.load_checkpoint(path)
+        load_opts = StateDictOptions(full_state_dict=True)
+        if self.ema is not None and ema_state is not None:
+            # Load the averaged weights through the model so FSDP shards them like parameters.
+            self.ema.swap(self.raw_model)
+            set_model_state_dict(self.raw_model, ema_state, options=load_opts)
+            self.ema.swap(self.raw_model)
+        set_model_state_dict(self.raw_model, model_state, options=load_opts)
+        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state_dict=state["optimizer"], options=load_opts)
+        self.schedule.load_state_dict(state["schedule"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_run = int(state["nonfinite_run"])
+        self.best = state["best"]
+        if state["global_batch"] != self.cfg.data.batch_size:
+            logger.warning("resuming with batch %d instead of %d: the data position is approximate",
+                           self.cfg.data.batch_size, state["global_batch"])
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            ckpt.restore_rng_state(rng[self.dist.rank])
+        else:
+            logger.warning("checkpoint has RNG states for %d processes, this run has %d: reseeding",
+                           len(rng), self.dist.world_size)
+            seed_everything(self.cfg.train.seed + self.dist.rank + self.step)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path | None:
+        """Gather full state on the main process and write a checkpoint (collective call)."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.raw_model, options=opts)
+        optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
+        ema_state = None
+        if self.ema is not None:
+            self.ema.swap(self.raw_model)
+            ema_state = get_model_state_dict(self.raw_model, options=opts)
+            self.ema.swap(self.raw_model)
+        rng = D.all_gather_objects(ckpt.capture_rng_state())
+        path = None
+        if self.dist.is_main:
+            trainer_state = {
+                "step": self.step,
+                "optimizer": optim_state,
+                "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "global_batch": self.cfg.data.batch_size,
+                "nonfinite_total": self.nonfinite_total,
+                "nonfinite_run": self.nonfinite_run,
+                "best": self.best,
+            }
+            texts = {"run.yaml": self.cfg.to_yaml()}
+            model_config = self._model_config_json()
+            if model_config is not None:
+                texts["config.json"] = model_config
+            path = ckpt.save_checkpoint(
+                self.checkpoint_root, self.step, model_state=model_state, trainer_state=trainer_state,
+                ema_state=ema_state, text_files=texts,
+            )
+            if self.best is not None and self.best["step"] == self.step:
+                ckpt.write_best(self.checkpoint_root, self.step, self.task.metric_name, self.best["value"])
+            ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.train.keep_last)
+        D.barrier()
+        return path
+
+    def _model_config_json(self) -> str | None:
+        """The model's own config, so a checkpoint folder is also a ``from_pretrained`` folder."""
+        config = getattr(self.raw_model, "config", None)
+        to_json = getattr(config, "to_json_string", None)
+        return to_json() if callable(to_json) else None
+
+    # ------------------------------------------------------------------ steps
+
+    def _epoch_batches(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        self.sampler.set_position(epoch, start_batch)
+        generator = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 1009 + self.dist.rank)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.dist.device.type == "cuda",
+            generator=generator,
+            drop_last=False,
+        )
+        for batch in loader:
+            yield _to_device(batch, self.dist.device)
+
+    def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if self.strategy == "ddp" and not enabled:
+            return self.model.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float] | None:
+        """One optimiser step over ``accum_steps`` micro-batches; None when the loss was non-finite.
+
+        All processes always run forward and backward (even on a bad loss) so collectives stay
+        matched; a non-finite loss anywhere discards the step everywhere.
+        """
+        self.model.train()
+        device = self.dist.device
+        log_keys: list[str] | None = None
+        totals: torch.Tensor | None = None
+        for micro in range(self.accum_steps):
+            batch = next(batches)
+            with self._grad_sync(micro == self.accum_steps - 1):
+                with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype != torch.float32):
+                    loss, logs = self.task.train_step(self.model, batch, step=self.step)
+                self.scaler.scale(loss / self.accum_steps).backward()
+            finite = bool(torch.isfinite(loss.detach()).item())
+            if log_keys is None:
+                log_keys = sorted(logs)
+            values = [loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0,
+                      float(self.task.num_tokens(batch))] + [float(logs[k]) for k in log_keys]
+            part = torch.tensor(values, dtype=torch.float64)
+            totals = part if totals is None else totals + part
+        stop = 1.0 if self._stop_signal is not None else 0.0
+        packed = torch.cat([totals, torch.tensor([stop], dtype=torch.float64)]).to(device)
+        packed = D.all_reduce_sum(packed).cpu()
+        if packed[-1] > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another process was signalled
+        count = self.accum_steps * self.dist.world_size
+        nonfinite = packed[1].item() > 0
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw_model)
+        out = {"loss": packed[0].item() / count, "grad_norm": float(grad_norm), "tokens": packed[2].item()}
+        out.update({k: packed[3 + i].item() / count for i, k in enumerate(log_keys or [])})
+        if self.scaler.is_enabled():
+            out["loss_scale"] = float(self.scaler.get_scale())
+        return out
+
+    # ------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Run the task's metric on the validation split (EMA weights when enabled)."""
+        if self.val_set is None:
+            return None
+        sampler = D.EvalSampler(len(self.val_set), self.dist.rank, self.dist.world_size)
+        loader = DataLoader(
+            D.EvalDataset(self.val_set),
+            batch_size=self.cfg.data.eval_batch_size or self.micro_batch,
+            sampler=sampler,
+            num_workers=self.cfg.data.num_workers,
+        )
+        device = self.dist.device
+        if self.ema is not None:
+            self.ema.swap(self.raw_model)
+        self.model.eval()
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=self.autocast_dtype,
+                                                 enabled=self.autocast_dtype != torch.float32):
+                metrics = self.task.evaluate(self.model, (_to_device(b, device) for b in loader))
+        finally:
+            self.model.train()
+            if self.ema is not None:
+                self.ema.swap(self.raw_model)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.task.higher_is_better else value < self.best["value"]
+
+    # ------------------------------------------------------------------- main
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop_signal = signum
+        # A second Ctrl-C stops at once, without waiting for the checkpoint.
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def fit(self) -> TrainResult:
+        """Train to ``total_steps`` (or until stopped); always leaves a resumable checkpoint."""
+        self._setup()
+        cfg = self.cfg
+        is_main = self.dist.is_main
+        if is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "run.yaml").write_text(cfg.to_yaml())
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        run_log = RunLogger(self.output_dir, enabled=is_main, total_steps=self.total_steps,
+                            start_step=self.step, progress_bar=cfg.train.progress_bar)
+        run_log.message(
+            f"{self.strategy} x{self.dist.world_size} on {self.dist.device.type}: {self.total_steps} steps "
+            f"({self.steps_per_epoch}/epoch), batch {cfg.data.batch_size} = {self.micro_batch} micro x "
+            f"{self.accum_steps} accum x {self.dist.world_size} procs, {sum(p.numel() for p in self.params):,} "
+            f"trainable parameters"
+        )
+        eval_every = cfg.train.eval_every or self.steps_per_epoch
+        save_every = cfg.train.checkpoint_every or self.steps_per_epoch
+        start_step, started = self.step, time.perf_counter()
+        last: dict[str, float] = {}
+        stop_reason = "completed"
+        last_path = None
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+        try:
+            while self.step < self.total_steps and stop_reason == "completed":
+                epoch, offset = divmod(self.step, self.steps_per_epoch)
+                batches = self._epoch_batches(epoch, offset)
+                for _ in range(offset, self.steps_per_epoch):
+                    if self.step >= self.total_steps:
+                        break
+                    lr = self.schedule.current_lr
+                    out = self._train_step(batches)
+                    self.step += 1
+                    self.schedule.step()
+                    saved = False
+                    if out is None:
+                        self.nonfinite_total += 1
+                        self.nonfinite_run += 1
+                        run_log.message(f"step {self.step}: non-finite loss, update skipped "
+                                        f"({self.nonfinite_run} in a row)")
+                        run_log.log("train", self.step, {"nonfinite": 1.0, "lr": lr})
+                    else:
+                        self.nonfinite_run = 0
+                        last = out
+                        window_steps += 1
+                        window_tokens += out.pop("tokens")
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        samples_s = window_steps * cfg.data.batch_size / elapsed
+                        tokens_s = window_tokens / elapsed
+                        if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                            run_log.log("train", self.step, {**out, "lr": lr, "samples_per_s": samples_s,
+                                                             "tokens_per_s": tokens_s, "epoch": epoch})
+                            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                        run_log.progress(1, {"loss": f"{out['loss']:.4f}", "lr": f"{lr:.2e}",
+                                             "samples/s": f"{samples_s:.1f}", "tok/s": f"{tokens_s:.0f}"})
+                    if self.nonfinite_run >= cfg.train.max_nonfinite_steps:
+                        stop_reason = "nonfinite"
+                    elif self._stop_signal is not None:
+                        stop_reason = "signal"
+                    done = self.step == self.total_steps
+                    if self.step % eval_every == 0 or done:
+                        metrics = self.evaluate()
+                        if metrics is not None:
+                            value = metrics[self.task.metric_name]
+                            run_log.log("val", self.step, metrics)
+                            run_log.message(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                            if self._is_better(value):
+                                self.best = {"step": self.step, "value": value}
+                                last_path = self.save()
+                                saved = True
+                    if not saved and (self.step % save_every == 0 or done or stop_reason != "completed"):
+                        last_path = self.save()
+                    if stop_reason != "completed":
+                        break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            run_log.close()
+        if stop_reason == "completed" and is_main:
+            self._export_final()
+        wall = time.perf_counter() - started
+        summary = {
+            "stop_reason": stop_reason,
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "samples_seen": self.step * cfg.data.batch_size,
+            "wall_time_s": round(wall, 2),
+            "samples_per_s": round((self.step - start_step) * cfg.data.batch_size / max(wall, 1e-9), 2),
+            "final_train_loss": last.get("loss"),
+            "nonfinite_steps_skipped": self.nonfinite_total,
+            "best_" + self.task.metric_name: None if self.best is None else self.best["value"],
+            "best_step": None if self.best is None else self.best["step"],
+            "output_dir": str(self.output_dir),
+        }
+        if is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            logger.info(format_summary(summary))
+        result = TrainResult(
+            stop_reason=stop_reason,
+            step=self.step,
+            best_step=summary["best_step"],
+            best_value=None if self.best is None else self.best["value"],
+            last_checkpoint=last_path,
+            signal_number=self._stop_signal,
+            summary=summary,
+        )
+        D.barrier()
+        return result
+
+    def _export_final(self) -> None:
+        """Copy the newest weights (EMA when enabled) to ``final/`` as a from_pretrained folder."""
+        newest = ckpt.list_checkpoints(self.checkpoint_root)[0]
+        final = self.output_dir / "final"
+        final.mkdir(exist_ok=True)
+        source = ckpt.EMA_FILE if (newest / ckpt.EMA_FILE).is_file() else ckpt.MODEL_FILE
+        for name, target in ((source, ckpt.MODEL_FILE), ("config.json", "config.json")):
+            if (newest / name).is_file():
+                tmp = final / f"{target}.tmp"
+                shutil.copyfile(newest / name, tmp)
+                tmp.replace(final / target)
