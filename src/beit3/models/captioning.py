@@ -1,0 +1,213 @@
+"""Image captioning: masked fine-tuning under a causal text mask, beam search with a KV cache."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beit3.config import Beit3Config
+from beit3.layers import caption_attention_mask
+from beit3.models.backbone import Beit3Model
+from beit3.models.base import Beit3PreTrainedModel, init_module
+from beit3.models.heads import init_head
+from beit3.models.outputs import CaptioningOutput
+
+
+def captioning_loss(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, drop_worst_ratio: float = 0.0
+) -> torch.Tensor:
+    """KL divergence to a smoothed one-hot, per masked token, averaged (the release's loss).
+
+    The target word gets 1 - eps and every other word eps / (V - 1) (not eps / V as in
+    ``F.cross_entropy``'s smoothing). With ``drop_worst_ratio`` r > 0, only the (1 - r) fraction
+    of tokens with the lowest loss count: late in training this ignores noisy captions.
+    logits: (M, V) at the masked positions; targets: (M,) word ids.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    vocab = log_probs.shape[-1]
+    eps = label_smoothing
+    target_log_prob = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    if eps > 0:
+        other = eps / (vocab - 1)
+        # sum_c t_c log t_c, the entropy term that makes this a KL divergence (0 for a one-hot).
+        entropy = (1 - eps) * torch.log(torch.tensor(1 - eps)) + eps * torch.log(torch.tensor(other))
+        cross = (1 - eps) * target_log_prob + other * (log_probs.sum(-1) - target_log_prob)
+        per_token = entropy.to(log_probs.device) - cross
+    else:
+        per_token = -target_log_prob
+    if drop_worst_ratio > 0:
+        keep = max(1, int(per_token.numel() * (1 - drop_worst_ratio)))
+        per_token = per_token.topk(keep, largest=False).values
+    return per_token.mean()
+
+
+class Beit3ForCaptioning(Beit3PreTrainedModel):
+    """Image + text -> next-word scores at every text position.
+
+    Training (the release's recipe): some caption tokens are replaced by [MASK] (or a random or
+    the same word); each text token sees the image and the text up to itself, so the masked slot
+    predicts its word from the image and the words to its left. Decoding appends a [MASK] after
+    the words so far and reads the prediction there (``generate``).
+    """
+
+    official_final_norm = True
+
+    def __init__(
+        self,
+        config: Beit3Config,
+        bos_token_id: int = 0,
+        pad_token_id: int = 1,
+        eos_token_id: int = 2,
+        mask_token_id: int = 64001,
+        label_smoothing: float = 0.1,
+    ):
+        super().__init__(config)
+        for name, value in (("bos", bos_token_id), ("pad", pad_token_id), ("eos", eos_token_id), ("mask", mask_token_id)):
+            if not 0 <= value < config.vocab_size:
+                raise ValueError(f"{name}_token_id {value} is outside the vocabulary (size {config.vocab_size})")
+        self.bos_token_id, self.pad_token_id = bos_token_id, pad_token_id
+        self.eos_token_id, self.mask_token_id = eos_token_id, mask_token_id
+        self.label_smoothing = label_smoothing
+        self.beit3 = Beit3Model(config)
+        self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        init_head(self.mlm_head)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        drop_worst_ratio: float = 0.0,
+    ) -> CaptioningOutput:
+        """labels: (B, T) original ids; masked_positions: (B, T) bool, where the loss is taken."""
+        num_image = (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size) + 1
+        mask = caption_attention_mask(num_image, input_ids.shape[1], device=input_ids.device)
+        out = self.beit3(pixel_values, input_ids, attention_mask, attn_mask=mask)
+        logits = self.mlm_head(out.last_hidden_state[:, out.vision_len:])  # (B, T, V)
+        loss = None
+        if labels is not None:
+            if masked_positions is None:
+                raise ValueError("labels need masked_positions: the loss is taken only at the masked tokens")
+            loss = captioning_loss(logits[masked_positions], labels[masked_positions], self.label_smoothing,
+                                   drop_worst_ratio)
+        return CaptioningOutput(logits=logits, loss=loss)
+
+    def _next_word_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.mlm_head(hidden[:, -1]).float(), dim=-1)  # the [MASK] slot, (B, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        num_beams: int = 3,
+        max_length: int = 32,
+        length_penalty: float = 0.6,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Beam search; returns ids (B, L): BOS, words, EOS, then padding.
+
+        max_length counts every text token including BOS and EOS (the release's
+        ``num_max_bpe_tokens``). A finished caption scores sum(log p) / len ** length_penalty
+        with len = words + 2, and a batch item stops once its best finished caption beats the
+        best running beam's bound; at the last step every candidate is finished.
+        With ``use_cache`` the image and the words so far are encoded once and each step only
+        runs the newest word and the [MASK] slot; without it the whole prefix is recomputed
+        (same result, for checking).
+        """
+        if max_length < 3:
+            raise ValueError(f"max_length must be >= 3 (BOS, a word, EOS), got {max_length}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        batch, device = pixel_values.shape[0], pixel_values.device
+        beams, vocab = num_beams, self.config.vocab_size
+        num_image = (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size) + 1
+        bos_mask = torch.tensor([[self.bos_token_id, self.mask_token_id]], device=device).expand(batch, 2)
+
+        # Step 1 runs once per image (not once per beam), then the cache is repeated per beam.
+        out = self.beit3(pixel_values, bos_mask, attn_mask=caption_attention_mask(num_image, 2, device=device),
+                         use_cache=use_cache)
+        log_probs = self._next_word_log_probs(out.last_hidden_state).repeat_interleave(beams, dim=0)
+        per_beam = torch.arange(batch, device=device).repeat_interleave(beams)
+        cache = out.past_key_values.truncate(num_image + 1).select(per_beam) if use_cache else None
+        images = None if use_cache else pixel_values.index_select(0, per_beam)
+
+        beam_scores = torch.zeros(batch, beams, device=device)
+        beam_scores[:, 1:] = -1e9  # all beams start identical: keep only one alive at step 1
+        words = torch.empty(batch * beams, 0, dtype=torch.long, device=device)
+        best: list[tuple[float, list[int]] | None] = [None] * batch
+        done = [False] * batch
+        cur_len = 2  # BOS + [MASK]
+        while True:
+            scores = (beam_scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
+            top_scores, top_index = scores.topk(min(3 * beams, beams * vocab), dim=1)
+            last_step = cur_len + 1 >= max_length
+            next_scores = torch.full((batch, beams), -1e9, device=device)
+            next_beam = torch.zeros(batch, beams, dtype=torch.long, device=device)
+            next_word = torch.full((batch, beams), self.pad_token_id, dtype=torch.long, device=device)
+            for b in range(batch):
+                if done[b]:
+                    continue
+                filled = 0
+                for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
+                    beam, word = divmod(index, vocab)
+                    if word == self.eos_token_id or last_step:
+                        normalised = score / cur_len**length_penalty
+                        if best[b] is None or normalised > best[b][0]:
+                            best[b] = (normalised, words[b * beams + beam].tolist() + [word])
+                    else:
+                        next_scores[b, filled], next_beam[b, filled], next_word[b, filled] = score, beam, word
+                        filled += 1
+                    if filled == beams:
+                        break
+                bound = next_scores[b].max().item() / (max_length - 1) ** length_penalty
+                done[b] = last_step or (best[b] is not None and best[b][0] >= bound)
+            if all(done):
+                break
+
+            order = (torch.arange(batch, device=device)[:, None] * beams + next_beam).view(-1)
+            words = torch.cat([words.index_select(0, order), next_word.view(-1, 1)], dim=1)
+            beam_scores = next_scores
+            if use_cache:
+                cache = cache.select(order)
+                step_ids = torch.stack([next_word.view(-1), torch.full_like(next_word.view(-1), self.mask_token_id)], 1)
+                rows = caption_attention_mask(num_image, cur_len + 1, device=device)[-2:]
+                out = self.beit3(input_ids=step_ids, attn_mask=rows, past_key_values=cache, use_cache=True,
+                                 text_position_offset=cur_len - 1)
+                cache = out.past_key_values.truncate(cache.length + 1)  # keep the word, drop the [MASK] slot
+            else:
+                prefix = torch.cat([torch.full_like(words[:, :1], self.bos_token_id), words,
+                                    torch.full_like(words[:, :1], self.mask_token_id)], dim=1)
+                out = self.beit3(images, prefix, attn_mask=caption_attention_mask(num_image, cur_len + 1, device=device))
+            log_probs = self._next_word_log_probs(out.last_hidden_state)
+            cur_len += 1
+
+        rows = []
+        for item in best:
+            tokens = [self.bos_token_id] + item[1]
+            if tokens[-1] != self.eos_token_id:
+                tokens.append(self.eos_token_id)
+            rows.append(tokens)
+        width = max(len(r) for r in rows)
+        result = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
+        for b, tokens in enumerate(rows):
+            result[b, : len(tokens)] = torch.tensor(tokens, device=device)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def head_args(self) -> dict[str, Any]:
+        return {"bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
+                "eos_token_id": self.eos_token_id, "mask_token_id": self.mask_token_id,
+                "label_smoothing": self.label_smoothing}
+
+    def _resize_vocab_heads(self, vocab_size: int, keep: int) -> None:
+        old = self.mlm_head
+        new = nn.Linear(old.in_features, vocab_size, device=old.weight.device, dtype=old.weight.dtype)
+        init_module(new)
+        with torch.no_grad():
+            new.weight[:keep] = old.weight[:keep]
+            new.bias[:keep] = old.bias[:keep]
+        self.mlm_head = new

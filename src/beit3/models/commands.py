@@ -1,0 +1,64 @@
+"""`beit3 convert`: official / timm checkpoint files -> our directory format."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """examples:
+  beit3 convert beit3_base_patch16_480_vqa.pth models/vqa-base-480
+  beit3 convert beit3_base_patch16_224.pth models/base --task backbone
+  beit3 convert beit3_base_patch16_224.pth models/nlvr2-init --task nlvr2 --init-head
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an official unilm .pth (or timm) checkpoint into a beit3 model directory",
+        description="Read an official BEiT-3 checkpoint (or timm's vision-only weights), check that every "
+        "tensor fits, and write config.json + model.safetensors. The task is detected from the head keys "
+        "unless --task is given.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", type=Path, help="input .pth / .pt / .bin / .safetensors file")
+    parser.add_argument("output", type=Path, help="output directory (created)")
+    parser.add_argument("--task", default="auto",
+                        choices=["auto", "backbone", "classification", "vqav2", "nlvr2", "retrieval", "captioning"])
+    parser.add_argument("--image-size", type=int, help="resample the vision position table to this image size")
+    parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as every release)")
+    parser.add_argument("--init-head", action="store_true",
+                        help="start a fresh head for --task instead of requiring it in the checkpoint")
+    parser.set_defaults(func=run_convert)
+
+
+def detect_task(state: dict) -> str:
+    """Which task a (task-form) state dict was trained for, from its head keys."""
+    if "mlm_head.weight" in state:
+        return "captioning"
+    if "vision_head.weight" in state and "language_head.weight" in state:
+        return "retrieval"
+    if "head.dense1.weight" in state:
+        return "nlvr2"
+    if "pooler.dense.weight" in state:
+        return "vqav2"
+    if "fc_norm.weight" in state and "head.weight" in state:
+        return "classification"
+    return "backbone"
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from beit3.models import TASK_MODELS, Beit3Model, count_parameters
+    from beit3.models.convert import read_state_dict, to_task_form
+
+    state, layout = to_task_form(read_state_dict(args.checkpoint))
+    task = detect_task(state) if args.task == "auto" else args.task
+    cls = Beit3Model if task == "backbone" else TASK_MODELS[task]
+    overrides = {k: v for k, v in (("image_size", args.image_size), ("num_heads", args.num_heads)) if v}
+    model = cls.from_pretrained(args.checkpoint, init_head=args.init_head, **overrides)
+    model.save_pretrained(args.output)
+    c = model.config
+    print(f"{args.checkpoint} ({layout} layout) -> {args.output}: {cls.__name__}, "
+          f"{c.num_layers} layers x {c.hidden_size}, {c.image_size}px, vocabulary {c.vocab_size}, "
+          f"{count_parameters(model):,} parameters")
+    return 0
