@@ -171,15 +171,16 @@ class Beit3PreTrainedModel(nn.Module):
         head_overrides = {k: v for k, v in overrides.items() if k not in config_fields}
 
         if saved is not None:
-            config = Beit3Config.from_dict({**saved["config"], **config_overrides})
-            head_args = {**saved.get("head", {}), **head_overrides}
+            values = dict(saved["config"])
+            same_head = saved.get("architecture") == cls.__name__
+            head_args = dict(saved.get("head", {})) if same_head and not init_head else {}
         else:
-            inferred = {}
-            if init_head and cls.official_final_norm is not None:
-                inferred["final_norm"] = cls.official_final_norm
-            config = infer_config(state, **{**inferred, **config_overrides})
+            values = infer_config(state).to_dict()
             head_args = {} if init_head else cls.head_args_from_state_dict(state)
-            head_args.update(head_overrides)
+        if init_head and cls.official_final_norm is not None:
+            values["final_norm"] = cls.official_final_norm  # the task's own choice, as the release
+        config = Beit3Config.from_dict({**values, **config_overrides})
+        head_args.update(head_overrides)
         model = cls(config, **head_args)
         model.load_checked_state_dict(state, init_head=init_head, vision_only=layout == "timm", source=str(path))
         return model
@@ -217,8 +218,9 @@ class Beit3PreTrainedModel(nn.Module):
         def is_head(key: str) -> bool:
             return not is_backbone and not key.startswith(BACKBONE_PREFIX)
 
-        def is_text(key: str) -> bool:
-            return bool(re.search(r"(text_embed|text_pos_embed|\.text\.)", key))
+        def not_in_timm(key: str) -> bool:
+            # timm's remap keeps only what image classification uses: no text side, no mask token.
+            return bool(re.search(r"(text_embed|text_pos_embed|\.text\.|mask_token)", key))
 
         if init_head:
             final_norm = (BACKBONE_PREFIX if not is_backbone else "") + "norm."
@@ -232,11 +234,11 @@ class Beit3PreTrainedModel(nn.Module):
             unexpected = [k for k in unexpected if k not in ignored]
             mismatched = [m for m in mismatched if m[0] not in ignored]
         if vision_only:
-            text_missing = [k for k in missing if is_text(k)]
-            if text_missing:
-                logger.warning("%s: vision-only weights; %d text tensors keep their initialisation",
-                               source, len(text_missing))
-            missing = [k for k in missing if not is_text(k)]
+            absent = [k for k in missing if not_in_timm(k)]
+            if absent:
+                logger.warning("%s: vision-only weights; %d text / mask-token tensors keep their initialisation",
+                               source, len(absent))
+            missing = [k for k in missing if not not_in_timm(k)]
         if missing or unexpected or mismatched:
             raise CheckpointError(_mismatch_report(source, type(self).__name__, missing, unexpected, mismatched))
         self.load_state_dict(state, strict=False)

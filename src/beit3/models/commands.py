@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         choices=["auto", "backbone", "classification", "vqav2", "nlvr2", "retrieval", "captioning"])
     parser.add_argument("--image-size", type=int, help="resample the vision position table to this image size")
     parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as every release)")
+    parser.add_argument("--mask-token-id", type=int,
+                        help="captioning: id of <mask> in your tokenizer (default 64001, the official one)")
     parser.add_argument("--init-head", action="store_true",
                         help="start a fresh head for --task instead of requiring it in the checkpoint")
     parser.set_defaults(func=run_convert)
@@ -55,6 +57,8 @@ def run_convert(args: argparse.Namespace) -> int:
     task = detect_task(state) if args.task == "auto" else args.task
     cls = Beit3Model if task == "backbone" else TASK_MODELS[task]
     overrides = {k: v for k, v in (("image_size", args.image_size), ("num_heads", args.num_heads)) if v}
+    if task == "captioning" and args.mask_token_id is not None:
+        overrides["mask_token_id"] = args.mask_token_id
     model = cls.from_pretrained(args.checkpoint, init_head=args.init_head, **overrides)
     model.save_pretrained(args.output)
     c = model.config

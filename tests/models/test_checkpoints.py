@@ -1,0 +1,206 @@
+"""from_pretrained / save_pretrained: our format, official files, timm files, and loud failures."""
+import json
+
+import pytest
+import torch
+
+from beit3.config import Beit3Config
+from beit3.models import (
+    Beit3ForCaptioning,
+    Beit3ForImageClassification,
+    Beit3ForVisualQuestionAnswering,
+    Beit3Model,
+    CheckpointError,
+    load_any_model,
+)
+from beit3.models.convert import read_state_dict, to_task_form
+
+TINY = Beit3Config.from_preset("tiny")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = Beit3ForVisualQuestionAnswering(TINY, num_labels=13).eval()
+    model.save_pretrained(tmp_path / "vqa")
+    assert sorted(p.name for p in (tmp_path / "vqa").iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "vqa" / "config.json").read_text())
+    assert meta["architecture"] == "Beit3ForVisualQuestionAnswering" and meta["head"] == {"num_labels": 13}
+    loaded = load_any_model(tmp_path / "vqa").eval()
+    assert isinstance(loaded, Beit3ForVisualQuestionAnswering) and loaded.config == TINY
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids).logits, model(images, ids).logits, rtol=0, atol=0)
+
+
+def test_config_json_round_trip_and_unknown_keys():
+    for name in ("tiny", "base", "large", "giant"):
+        config = Beit3Config.from_preset(name)
+        assert Beit3Config.from_json_string(config.to_json_string()) == config
+    with pytest.raises(ValueError, match="num_layer"):
+        Beit3Config.from_dict({"num_layer": 6})
+    with pytest.raises(ValueError, match="attention"):
+        Beit3Config.from_preset("tiny", attention="sparse")
+    with pytest.raises(ValueError, match="divisible"):
+        Beit3Config.from_preset("tiny", num_heads=5)
+
+
+def test_missing_head_is_an_error_unless_asked_to_init(tmp_path):
+    Beit3Model(TINY).save_pretrained(tmp_path / "backbone")
+    with pytest.raises(CheckpointError) as err:
+        Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "backbone")
+    assert "missing keys" in str(err.value) and "pooler.dense.weight" in str(err.value)
+    assert "init_head=True" in str(err.value)
+    model = Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "backbone", init_head=True, num_labels=5)
+    backbone = Beit3Model.from_pretrained(tmp_path / "backbone")
+    torch.testing.assert_close(model.beit3.layers[0].ffn["text"].fc1.weight, backbone.layers[0].ffn["text"].fc1.weight)
+
+
+def test_pretrained_final_norm_dropped_for_tasks_without_it(tmp_path):
+    """Fine-tuning ImageNet/VQA from a pretrained backbone drops its final LayerNorm, as the release."""
+    Beit3Model(TINY).save_pretrained(tmp_path / "pretrained")
+    model = Beit3ForImageClassification.from_pretrained(tmp_path / "pretrained", init_head=True, num_labels=3)
+    assert model.beit3.norm is None
+
+
+def test_mis_shaped_and_unexpected_keys_are_listed(tmp_path):
+    model = Beit3ForImageClassification(TINY, num_labels=4)
+    state = model.state_dict()
+    state["beit3.layers.1.ffn.vision.fc1.weight"] = torch.zeros(3, 3)
+    state["beit3.something_else"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        Beit3ForImageClassification.from_pretrained(tmp_path / "bad.pth")
+    text = str(err.value)
+    assert "beit3.layers.1.ffn.vision.fc1.weight checkpoint (3, 3) vs model (256, 64)" in text
+    assert "unexpected keys (1): beit3.something_else" in text
+
+
+def test_final_norm_mismatch_is_not_silent(tmp_path):
+    """Loading a checkpoint without the final LayerNorm into a model that has one (gotcha #2)."""
+    Beit3ForImageClassification(TINY.replace(final_norm=False)).save_pretrained(tmp_path / "cls")
+    with pytest.raises(CheckpointError, match="missing keys.*beit3.norm"):
+        Beit3ForImageClassification.from_pretrained(tmp_path / "cls", final_norm=True)
+
+
+def test_official_pth_with_module_key_and_pickles_are_weights_only(tmp_path):
+    state = {f"beit3.{k}": v for k, v in _official_names(Beit3Model(TINY)).items()}
+    torch.save({"module": state}, tmp_path / "deepspeed.pth")
+    model = Beit3Model.from_pretrained(tmp_path / "deepspeed.pth", num_heads=4)
+    assert model.config.num_layers == 2
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"model": state, "extra": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        Beit3Model.from_pretrained(tmp_path / "evil.pth")
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        Beit3Model.from_pretrained(tmp_path / "nope.pth")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        Beit3Model.from_pretrained(tmp_path / "empty_dir")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        Beit3Model.from_pretrained(tmp_path / "junk.pth")
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        Beit3Model.from_pretrained(tmp_path / "other.pth")
+
+
+def test_save_is_atomic_and_keeps_the_previous_files_on_failure(tmp_path, monkeypatch):
+    model = Beit3Model(TINY)
+    model.save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        Beit3Model(TINY).save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_timm_vision_only_weights(tmp_path):
+    """timm's remap: blocks.N.attn.q_proj..., pos_embed, cls_token, no .A. and no text weights."""
+    source = Beit3ForImageClassification(TINY.replace(final_norm=False), num_labels=6).eval()
+    official = _official_names(source.beit3)
+    timm_state = {}
+    for key, value in official.items():
+        if ".B." in key or key in ("text_embed.weight", "vision_embed.mask_token", "encoder.embed_positions.B.weight"):
+            continue
+        if key == "vision_embed.cls_token":
+            timm_state["cls_token"] = value
+            continue
+        new = key.replace("embed_positions.", "pos_embed.").replace("vision_embed.", "patch_embed.")
+        new = new.replace("encoder.", "").replace("layers.", "blocks.").replace("ffn.", "mlp.")
+        new = new.replace("ffn_layernorm.", "norm.").replace("self_attn_layer_norm.", "norm1.")
+        new = new.replace("self_attn.", "attn.").replace("final_layer_norm.", "norm2.").replace("A.", "")
+        timm_state[new] = value
+    timm_state.update({k: v for k, v in source.state_dict().items() if k.startswith(("fc_norm", "head"))})
+    assert "blocks.1.attn.inner_attn_ln.weight" in timm_state and "pos_embed.weight" in timm_state
+    torch.save(timm_state, tmp_path / "timm.pth")
+    loaded = Beit3ForImageClassification.from_pretrained(tmp_path / "timm.pth", num_heads=4).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, source(images).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_convert_command_detects_the_task(tmp_path, capsys):
+    from beit3.cli import main
+
+    model = Beit3ForCaptioning(TINY, mask_token_id=999)
+    state = {f"beit3.{k}": v for k, v in _official_names(model.beit3).items()}
+    state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head")})
+    torch.save({"model": state}, tmp_path / "cap.pth")
+    assert main(["convert", str(tmp_path / "cap.pth"), str(tmp_path / "out"), "--num-heads", "4",
+                 "--mask-token-id", "999"]) == 0
+    assert "Beit3ForCaptioning" in capsys.readouterr().out
+    assert isinstance(load_any_model(tmp_path / "out"), Beit3ForCaptioning)
+    assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x")]) == 1
+
+
+def _official_names(backbone: Beit3Model) -> dict[str, torch.Tensor]:
+    """Our backbone state dict written back with torchscale names (q/k/v split), for fixtures."""
+    out = {}
+    dim = backbone.config.hidden_size
+    side = {"vision": "A", "text": "B"}
+    for key, value in backbone.state_dict().items():
+        parts = key.split(".")
+        if key == "vision_pos_embed":
+            out["encoder.embed_positions.A.weight"] = value
+        elif key == "text_pos_embed":
+            out["encoder.embed_positions.B.weight"] = value
+        elif parts[0] == "norm":
+            out[f"encoder.layer_norm.{side[parts[1]]}.{parts[2]}"] = value
+        elif parts[0] == "layers":
+            i, rest = parts[1], parts[2:]
+            if rest[:2] == ["attn", "qkv"]:
+                for name, chunk in zip("qkv", value.split(dim)):
+                    out[f"encoder.layers.{i}.self_attn.{name}_proj.{side[rest[2]]}.{rest[3]}"] = chunk
+            elif rest[:2] == ["attn", "out_proj"]:
+                out[f"encoder.layers.{i}.self_attn.out_proj.{side[rest[2]]}.{rest[3]}"] = value
+            elif rest[:2] == ["attn", "inner_norm"]:
+                out[f"encoder.layers.{i}.self_attn.inner_attn_ln.{side[rest[2]]}.{rest[3]}"] = value
+            elif rest[0] == "norm1":
+                out[f"encoder.layers.{i}.self_attn_layer_norm.{side[rest[1]]}.{rest[2]}"] = value
+            elif rest[0] == "norm2":
+                out[f"encoder.layers.{i}.final_layer_norm.{side[rest[1]]}.{rest[2]}"] = value
+            elif rest[0] == "ffn":
+                sub = "ffn_layernorm" if rest[2] == "norm" else rest[2]
+                out[f"encoder.layers.{i}.ffn.{side[rest[1]]}.{sub}.{rest[3]}"] = value
+        else:
+            out[key] = value
+    assert to_task_form({f"beit3.{k}": v for k, v in out.items()})[1] == "official"
+    return out
+
+
+def test_read_state_dict_safetensors(tmp_path):
+    Beit3Model(TINY).save_pretrained(tmp_path / "m")
+    state, layout = to_task_form(read_state_dict(tmp_path / "m" / "model.safetensors"))
+    assert layout == "beit3" and "beit3.layers.0.attn.qkv.vision.weight" in state
