@@ -1,0 +1,183 @@
+"""Map-style datasets over the index files, returning raw samples, and a collator that makes batches.
+
+Samples are dicts of PIL images, raw strings and plain numbers. Tokenising and resizing happen in
+the processor given to ``Collator`` (or a ``transform`` given to the dataset), so a dataset does not
+depend on a tokenizer and one index serves every model size.
+
+A corrupt or missing image does not stop an epoch: the sample is replaced by the next readable one,
+a warning names the file, and ``skipped`` counts it (per process: each data-loader worker keeps its
+own count). ``strict=True`` raises instead, for checking a new dataset.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from beit3.data.index import DataError, EmptyDatasetError, read_jsonl, resolve_image_path
+
+Sample = dict[str, Any]
+Transform = Callable[[Sample], Any]
+
+
+class BadImageError(DataError):
+    """An image file that is missing or cannot be decoded."""
+
+
+class BadSampleWarning(UserWarning):
+    """A sample was skipped because its image could not be read."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image fully as RGB; a missing or broken file raises ``BadImageError`` naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        # PIL reports truncated or garbled files with any of these types.
+        raise BadImageError(f"cannot read image {path}: {err}") from None
+
+
+class IndexDataset(Dataset):
+    """Rows of one or more index files (e.g. VQA train + trainable_val); subclasses turn a row into a sample."""
+
+    required: tuple[str, ...] = ("image_path",)
+
+    def __init__(
+        self,
+        index_files: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        transform: Transform | None = None,
+        strict: bool = False,
+    ) -> None:
+        files = [index_files] if isinstance(index_files, (str, os.PathLike)) else list(index_files)
+        self.rows: list[tuple[Path, dict[str, Any]]] = []
+        for file in files:
+            self.rows += [(Path(file), row) for row in read_jsonl(file, self.required)]
+        if not self.rows:
+            raise EmptyDatasetError(f"no sample in {', '.join(map(str, files))}")
+        self.transform = transform
+        self.strict = strict
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, index_file: Path, row: dict[str, Any], key: str = "image_path") -> Image.Image:
+        """The image a row points at, resolved relative to its index file."""
+        return load_image(resolve_image_path(index_file, row[key]))
+
+    def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
+        """Build the raw sample of one row; raises ``BadImageError`` for an unreadable image."""
+        return {"image": self.image(index_file, row)}
+
+    def __getitem__(self, index: int) -> Any:
+        # Fall forward to the next row rather than return None, so every batch keeps its size.
+        for offset in range(len(self.rows)):
+            index_file, row = self.rows[(index + offset) % len(self.rows)]
+            try:
+                sample = self.sample(index_file, row)
+            except BadImageError as err:
+                if self.strict:
+                    raise
+                self.skipped += 1
+                warnings.warn(f"skipping sample: {err}", BadSampleWarning, stacklevel=2)
+                continue
+            return self.transform(sample) if self.transform else sample
+        raise DataError("no readable image in the whole dataset")
+
+
+class ImageTextDataset(IndexDataset):
+    """Retrieval and captioning rows: an image, its caption (None for captioning val/test) and ids."""
+
+    required = ("image_path", "text", "image_id")
+
+    def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
+        sample = {"image": self.image(index_file, row), "text": row["text"], "image_id": row["image_id"]}
+        if "references" in row:
+            sample["references"] = row["references"]
+        return sample
+
+
+class VQADataset(IndexDataset):
+    """VQA rows: image, question, ``qid`` and, outside the test splits, answer ``labels`` with soft ``scores``."""
+
+    required = ("image_path", "text", "qid")
+
+    def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
+        sample = {"image": self.image(index_file, row), "text": row["text"], "qid": row["qid"]}
+        if "labels" in row:
+            sample.update(labels=row["labels"], scores=row["scores"])
+        return sample
+
+
+class NLVR2Dataset(IndexDataset):
+    """NLVR2 rows: left and right images, the statement and its truth ``label`` (1 = true)."""
+
+    required = ("image_path", "image2_path", "text", "label")
+
+    def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
+        return {"image": self.image(index_file, row), "image2": self.image(index_file, row, "image2_path"),
+                "text": row["text"], "label": row["label"]}
+
+
+class ImageClassificationDataset(IndexDataset):
+    """Class-folder rows: an image and its integer ``label``."""
+
+    required = ("image_path", "label")
+
+    def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
+        return {"image": self.image(index_file, row), "label": row["label"]}
+
+
+def vqa_targets(labels: Sequence[Sequence[int]], scores: Sequence[Sequence[float]], num_labels: int) -> torch.Tensor:
+    """Dense soft-score targets, shape (B, num_labels), for binary cross-entropy over the answer vocabulary."""
+    targets = torch.zeros(len(labels), num_labels)
+    for row, (row_labels, row_scores) in enumerate(zip(labels, scores)):
+        targets[row, list(row_labels)] = torch.tensor(list(row_scores), dtype=torch.float)
+    return targets
+
+
+class Collator:
+    """Turn raw samples into a model batch with a processor-like callable.
+
+    ``processor(images=[PIL, ...], text=[str, ...])`` (either argument may be absent) must return a
+    mapping of tensors such as ``pixel_values``, ``input_ids`` and ``attention_mask``; a
+    ``beit3.processing.Beit3Processor`` fits. Added keys: ``labels`` (class ids, or dense VQA soft
+    scores when ``num_labels`` is given), ``image_id``/``qid`` tensors, ``references`` lists. For NLVR2
+    the two images are stacked: ``pixel_values`` is (B, 2, C, H, W).
+    """
+
+    def __init__(self, processor: Callable[..., Mapping[str, Any]], *, num_labels: int | None = None) -> None:
+        self.processor = processor
+        self.num_labels = num_labels
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        first = samples[0]
+        inputs: dict[str, Any] = {}
+        if "image" in first:
+            inputs["images"] = [sample["image"] for sample in samples]
+        if first.get("text") is not None:
+            inputs["text"] = [sample["text"] for sample in samples]
+        batch = dict(self.processor(**inputs))
+        if "image2" in first:
+            second = self.processor(images=[sample["image2"] for sample in samples])["pixel_values"]
+            batch["pixel_values"] = torch.stack([batch["pixel_values"], second], dim=1)  # (B, 2, C, H, W)
+        if "label" in first:
+            batch["labels"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
+        if "scores" in first:
+            if self.num_labels is None:
+                raise ValueError("VQA batches need num_labels (the size of answer2label.txt)")
+            batch["labels"] = vqa_targets([s["labels"] for s in samples], [s["scores"] for s in samples], self.num_labels)
+        for key in ("image_id", "qid"):
+            if key in first:
+                batch[key] = torch.tensor([sample[key] for sample in samples], dtype=torch.long)
+        if "references" in first:
+            batch["references"] = [sample["references"] for sample in samples]
+        return batch

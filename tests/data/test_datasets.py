@@ -1,0 +1,111 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beit3.data.datasets import (
+    BadImageError,
+    BadSampleWarning,
+    Collator,
+    ImageClassificationDataset,
+    ImageTextDataset,
+    NLVR2Dataset,
+    VQADataset,
+    vqa_targets,
+)
+from beit3.data.index import EmptyDatasetError, IndexFormatError, write_jsonl
+
+from .conftest import make_image
+
+
+def fake_processor(images=None, text=None):
+    """Stands in for Beit3Processor: images -> (B, 3, 8, 8), text -> lengths as ids."""
+    out = {}
+    if images is not None:
+        out["pixel_values"] = torch.stack([torch.from_numpy(np.asarray(im.resize((8, 8)))).permute(2, 0, 1).float()
+                                           for im in images])
+    if text is not None:
+        out["input_ids"] = torch.tensor([[len(t)] for t in text])
+    return out
+
+
+def test_datasets_read_the_synthetic_indexes(synthetic_world):
+    index = synthetic_world / "index"
+    vqa = VQADataset([index / "vqa.train.jsonl", index / "vqa.trainable_val.jsonl"])
+    sample = vqa[0]
+    assert isinstance(sample["image"], Image.Image) and sample["image"].size == (64, 64)
+    assert isinstance(sample["text"], str) and len(sample["labels"]) == len(sample["scores"])
+    nlvr2 = NLVR2Dataset(index / "nlvr2.train.index.jsonl")
+    assert set(nlvr2[0]) == {"image", "image2", "text", "label"}
+    captioning = ImageTextDataset(index / "coco_captioning.test.jsonl")
+    assert captioning[0]["text"] is None and len(captioning[0]["references"]) == 5
+    classes = ImageClassificationDataset(index / "imagenet.val.index.jsonl", transform=lambda s: s["label"])
+    assert classes[len(classes) - 1] == 23
+
+
+def test_collator_builds_model_batches(synthetic_world):
+    index = synthetic_world / "index"
+    vqa = VQADataset(index / "vqa.train.jsonl")
+    batch = Collator(fake_processor, num_labels=20)([vqa[0], vqa[1]])
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["input_ids"].shape == (2, 1)
+    assert batch["labels"].shape == (2, 20) and batch["qid"].dtype == torch.long
+    nlvr2 = NLVR2Dataset(index / "nlvr2.train.index.jsonl")
+    batch = Collator(fake_processor)([nlvr2[0], nlvr2[1], nlvr2[2]])
+    assert batch["pixel_values"].shape == (3, 2, 3, 8, 8)
+    assert batch["labels"].tolist() == [nlvr2.rows[i][1]["label"] for i in range(3)]
+    with pytest.raises(ValueError, match="num_labels"):
+        Collator(fake_processor)([vqa[0]])
+
+
+def test_vqa_targets_are_dense_soft_scores():
+    targets = vqa_targets([[2, 0], []], [[0.3, 1.0], []], 4)
+    torch.testing.assert_close(targets, torch.tensor([[1.0, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+@pytest.fixture
+def index_with_bad_images(tmp_path):
+    make_image(tmp_path / "good0.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    make_image(tmp_path / "good1.png", (0, 0, 200))
+    rows = [{"image_path": p, "label": n} for n, p in enumerate(["good0.png", "corrupt.png", "missing.png", "good1.png"])]
+    write_jsonl(tmp_path / "index.jsonl", rows)
+    return tmp_path / "index.jsonl"
+
+
+def test_corrupt_or_missing_image_is_skipped_with_a_warning_and_counted(index_with_bad_images):
+    dataset = ImageClassificationDataset(index_with_bad_images)
+    with pytest.warns(BadSampleWarning) as record:
+        sample = dataset[1]
+    assert ["corrupt.png" in str(w.message) for w in record] == [True, False]
+    assert "missing.png" in str(record[1].message)
+    assert sample["label"] == 3  # fell forward past the corrupt and the missing file
+    assert dataset.skipped == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataset[0]["label"] == 0
+
+
+def test_strict_raises_on_a_bad_image(index_with_bad_images):
+    dataset = ImageClassificationDataset(index_with_bad_images, strict=True)
+    with pytest.raises(BadImageError, match="missing.png"):
+        dataset[2]
+
+
+def test_malformed_index_line_names_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"image_path": "a.png", "label": 1}\n\n{"image_path": "b.png"}\n')
+    with pytest.raises(IndexFormatError, match=r"bad.jsonl:3: missing field\(s\) label"):
+        ImageClassificationDataset(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"image_path": "a.png", "label": 1}\n{"image_path": \n')
+    with pytest.raises(IndexFormatError, match=r"bad.jsonl:2: not valid JSON"):
+        ImageClassificationDataset(tmp_path / "bad.jsonl")
+
+
+def test_empty_dataset_is_an_error_before_training(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(EmptyDatasetError, match="no sample"):
+        ImageClassificationDataset(tmp_path / "empty.jsonl")
+    with pytest.raises(EmptyDatasetError):
+        write_jsonl(tmp_path / "never.jsonl", [])
+    assert not (tmp_path / "never.jsonl").exists()
