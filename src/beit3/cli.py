@@ -13,6 +13,8 @@ import sys
 COMMAND_MODULES = [
     "beit3.models.commands",
     "beit3.data.commands",
+    "beit3.demo",
+    "beit3.processing.commands",
     "beit3.training.commands",
 ]
 
