@@ -277,7 +277,8 @@ class Beit3ImageProcessor:
         path = Path(path)
         file = path / CONFIG_FILENAME if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no image processor config at '{file}'")
+            raise FileNotFoundError(f"no image processor at '{path}': expected {CONFIG_FILENAME} "
+                                    "or a directory holding it")
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
