@@ -217,7 +217,8 @@ class Trainer:
         ema_state = None
         if self.ema is not None:
             self.ema.swap(self.raw_model)
-            ema_state = get_model_state_dict(self.raw_model, options=opts)
+            # Unsharded models return their own tensors here; copy before swapping back.
+            ema_state = {k: v.clone() for k, v in get_model_state_dict(self.raw_model, options=opts).items()}
             self.ema.swap(self.raw_model)
         rng = D.all_gather_objects(ckpt.capture_rng_state())
         path = None

@@ -1,0 +1,58 @@
+"""Helpers for engine tests: run the CLI in-process or under torchrun, read run outputs."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TINY = HERE / "tiny.yaml"
+
+sys.path.insert(0, str(HERE))  # makes `toytask:make` importable in-process
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli_command(nproc: int, *args: str) -> list[str]:
+    """The training CLI as one process, or as `nproc` gloo processes under torchrun."""
+    launch = str(HERE / "launch.py")
+    if nproc == 1:
+        return [sys.executable, launch, *args]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), launch, *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_cli(nproc: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cli_command(nproc, *args), env=subprocess_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"training exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a resumed run's later record for a step wins."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "train" and "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
