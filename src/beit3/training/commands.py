@@ -38,7 +38,7 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, recipe: 
         epilog=_EPILOG.format(cmd=kind, recipe=recipe),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. configs/" + recipe)
+    parser.add_argument("--recipe", help="YAML recipe (required unless --list-tasks), e.g. configs/" + recipe)
     parser.add_argument("--task", help="task name, overriding task.name of the recipe")
     parser.add_argument("--output-dir", help="run folder (train.output_dir)")
     parser.add_argument("--resume", help="'auto' (newest intact checkpoint in the run folder) or a checkpoint path")
@@ -49,7 +49,7 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, recipe: 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _add_parser(subparsers, "pretrain", "pretrain_base_224.yaml", "Pretrain a BEiT-3 model with masked data modeling")
+    _add_parser(subparsers, "pretrain", "<recipe>.yaml", "Pretrain a BEiT-3 model with masked data modeling")
     _add_parser(subparsers, "finetune", "vqav2_base_480.yaml", "Fine-tune a BEiT-3 model on a downstream task")
 
 
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace, kind: TaskKind) -> int:
             if entry.kind == kind:
                 print(f"{name:24s} {entry.description}")
         return 0
+    if not args.recipe:
+        raise ValueError("--recipe is required")
     overrides = list(args.overrides)
     for flag, key in ((args.task, "task.name"), (args.output_dir, "train.output_dir"), (args.resume, "train.resume")):
         if flag is not None:

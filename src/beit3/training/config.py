@@ -138,6 +138,9 @@ class ParallelSection:
     ``None`` uses every ModuleList attribute named ``layers``."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
+    find_unused_parameters: bool = False
+    """DDP: allow parameters that get no gradient (e.g. the text experts when fine-tuning on
+    images only); costs an extra graph traversal per step, so it is off unless a task needs it."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (ZeRO-3) instead of keeping them (ZeRO-2)."""
     timeout_minutes: int = 30

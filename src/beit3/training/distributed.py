@@ -223,7 +223,11 @@ def apply_fsdp(
     return model
 
 
-def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def apply_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )

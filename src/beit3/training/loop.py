@@ -130,7 +130,7 @@ class Trainer:
             self.model = model
             self.strategy = "fsdp"
         elif world > 1:
-            self.model = D.apply_ddp(model, self.dist.device)
+            self.model = D.apply_ddp(model, self.dist.device, cfg.parallel.find_unused_parameters)
             self.strategy = "ddp"
         else:
             self.model = model
