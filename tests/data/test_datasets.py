@@ -24,7 +24,7 @@ def fake_processor(images=None, text=None):
     """Stands in for Beit3Processor: images -> (B, 3, 8, 8), text -> lengths as ids."""
     out = {}
     if images is not None:
-        out["pixel_values"] = torch.stack([torch.from_numpy(np.asarray(im.resize((8, 8)))).permute(2, 0, 1).float()
+        out["pixel_values"] = torch.stack([torch.from_numpy(np.array(im.resize((8, 8)))).permute(2, 0, 1).float()
                                            for im in images])
     if text is not None:
         out["input_ids"] = torch.tensor([[len(t)] for t in text])

@@ -70,7 +70,8 @@ def build_nlvr2(
                 pair = record["identifier"].rsplit("-", 1)[0]
                 folder = _pair_folder(root, split_file, record)
                 left, right = folder / f"{pair}-img0.png", folder / f"{pair}-img1.png"
-                if not (checker.ok(left) & checker.ok(right)):
+                left_ok, right_ok = checker.ok(left), checker.ok(right)  # check both so both get reported
+                if not (left_ok and right_ok):
                     continue
                 rows.append({"image_path": image_field(left, out), "image2_path": image_field(right, out),
                              "text": text, "label": LABELS[record["label"]], "identifier": record["identifier"]})
