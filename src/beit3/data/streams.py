@@ -271,8 +271,6 @@ class SampleStream(IterableDataset):
         """Resume from a ``PositionTracker.state_dict()``: each slot restarts after its last consumed sample."""
         self._resume_slots = state["slots"]
         self._resume = {int(slot): (epoch, position + 1) for slot, (epoch, position) in state["positions"].items()}
-        if "epoch" in state:
-            self.epoch = state["epoch"]
 
     def slot(self) -> tuple[int, int]:
         """(this slot, number of slots) for the calling process and data-loader worker."""

@@ -22,7 +22,7 @@ from PIL import Image
 
 from beit3.data.builders import BUILDERS, BuildReport
 from beit3.data.synthetic.language import annotator_answers, captions, question, statement, text_corpus_line
-from beit3.data.synthetic.scene import COLOURS, SHAPES, Scene, instance_masks, polygon, random_scene, render
+from beit3.data.synthetic.scene import COLOURS, SHAPES, instance_masks, polygon, random_scene, render
 
 CLASSES = [f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES]
 
