@@ -20,12 +20,17 @@ from beit3.data.index import EmptyDatasetError, IndexFormatError, write_jsonl
 from .conftest import make_image
 
 
-def fake_processor(images=None, text=None):
-    """Stands in for Beit3Processor: images -> (B, 3, 8, 8), text -> lengths as ids."""
+def pixels(image):
+    return torch.from_numpy(np.array(image.resize((8, 8)))).permute(2, 0, 1).float()
+
+
+def fake_processor(images=None, text=None, task="vqav2"):
+    """Stands in for Beit3Processor: images -> (B, 3, 8, 8) or pairs -> (B, 2, 3, 8, 8), text -> lengths."""
     out = {}
-    if images is not None:
-        out["pixel_values"] = torch.stack([torch.from_numpy(np.array(im.resize((8, 8)))).permute(2, 0, 1).float()
-                                           for im in images])
+    if images is not None and task == "nlvr2":
+        out["pixel_values"] = torch.stack([torch.stack([pixels(left), pixels(right)]) for left, right in images])
+    elif images is not None:
+        out["pixel_values"] = torch.stack([pixels(image) for image in images])
     if text is not None:
         out["input_ids"] = torch.tensor([[len(t)] for t in text])
     return out
@@ -52,7 +57,7 @@ def test_collator_builds_model_batches(synthetic_world):
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["input_ids"].shape == (2, 1)
     assert batch["labels"].shape == (2, 20) and batch["qid"].dtype == torch.long
     nlvr2 = NLVR2Dataset(index / "nlvr2.train.index.jsonl")
-    batch = Collator(fake_processor)([nlvr2[0], nlvr2[1], nlvr2[2]])
+    batch = Collator(fake_processor, task="nlvr2")([nlvr2[0], nlvr2[1], nlvr2[2]])
     assert batch["pixel_values"].shape == (3, 2, 3, 8, 8)
     assert batch["labels"].tolist() == [nlvr2.rows[i][1]["label"] for i in range(3)]
     with pytest.raises(ValueError, match="num_labels"):

@@ -147,28 +147,30 @@ def vqa_targets(labels: Sequence[Sequence[int]], scores: Sequence[Sequence[float
 class Collator:
     """Turn raw samples into a model batch with a processor-like callable.
 
-    ``processor(images=[PIL, ...], text=[str, ...])`` (either argument may be absent) must return a
-    mapping of tensors such as ``pixel_values``, ``input_ids`` and ``attention_mask``; a
-    ``beit3.processing.Beit3Processor`` fits. Added keys: ``labels`` (class ids, or dense VQA soft
-    scores when ``num_labels`` is given), ``image_id``/``qid`` tensors, ``references`` lists. For NLVR2
-    the two images are stacked: ``pixel_values`` is (B, 2, C, H, W).
+    ``processor(images=[...], text=[...], **processor_kwargs)`` (either of images/text may be absent)
+    must return a mapping of tensors such as ``pixel_values``, ``input_ids`` and ``attention_mask``.
+    ``beit3.processing.Beit3Processor`` fits: pass its task, e.g. ``Collator(processor, task="nlvr2")``.
+    NLVR2 images go to the processor as (left, right) pairs, which it stacks to (B, 2, C, H, W).
+    Added keys: ``labels`` (class ids, NLVR2 truth, or dense VQA soft scores, which need
+    ``num_labels``), ``image_id``/``qid`` tensors and ``references`` lists.
     """
 
-    def __init__(self, processor: Callable[..., Mapping[str, Any]], *, num_labels: int | None = None) -> None:
+    def __init__(self, processor: Callable[..., Mapping[str, Any]], *, num_labels: int | None = None,
+                 **processor_kwargs: Any) -> None:
         self.processor = processor
         self.num_labels = num_labels
+        self.processor_kwargs = processor_kwargs
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         first = samples[0]
-        inputs: dict[str, Any] = {}
-        if "image" in first:
+        inputs: dict[str, Any] = dict(self.processor_kwargs)
+        if "image2" in first:
+            inputs["images"] = [(sample["image"], sample["image2"]) for sample in samples]
+        elif "image" in first:
             inputs["images"] = [sample["image"] for sample in samples]
         if first.get("text") is not None:
             inputs["text"] = [sample["text"] for sample in samples]
         batch = dict(self.processor(**inputs))
-        if "image2" in first:
-            second = self.processor(images=[sample["image2"] for sample in samples])["pixel_values"]
-            batch["pixel_values"] = torch.stack([batch["pixel_values"], second], dim=1)  # (B, 2, C, H, W)
         if "label" in first:
             batch["labels"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
         if "scores" in first:
