@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from beit3.data.synthetic.scene import COLOURS, COLUMNS, ROWS, SHAPES, Scene, SceneObject
+from beit3.data.synthetic.scene import COLOURS, COLUMNS, ROWS, SHAPES, Scene, SceneObject, random_scene
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -146,42 +146,68 @@ def annotator_answers(answer: str, answer_type: str, rng: random.Random, count: 
     return answers
 
 
-def _has(scene: Scene, colour: str | None, shape: str | None) -> int:
-    return sum((colour is None or o.colour == colour) and (shape is None or o.shape == shape) for o in scene.objects)
+Predicate = Callable[[Scene, Scene], bool]
 
 
-def statement(left: Scene, right: Scene, rng: random.Random, want: bool) -> str:
-    """An NLVR2-style statement about an image pair that is ``want`` (true or false); rejection-sampled."""
-    for _ in range(100):
-        text, truth = _random_statement(left, right, rng)
-        if truth == want:
-            return text
-    raise RuntimeError("could not find a statement with the wanted truth value")
+def _matches(obj: SceneObject, colour: str | None, shape: str | None) -> bool:
+    return (colour is None or obj.colour == colour) and (shape is None or obj.shape == shape)
 
 
-def _random_statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str, bool]:
-    colour = rng.choice(list(COLOURS)) if rng.random() < 0.6 else None
-    shape = rng.choice(SHAPES) if colour is None or rng.random() < 0.5 else None
-    noun = " ".join(word for word in (colour, shape or "shape") if word)
-    kind = rng.choice(("more", "both", "exactly_one", "count", "relation"))
-    n_left, n_right = _has(left, colour, shape), _has(right, colour, shape)
+def _count(scene: Scene, colour: str | None, shape: str | None) -> int:
+    return sum(_matches(obj, colour, shape) for obj in scene.objects)
+
+
+def _noun(rng: random.Random) -> tuple[str, str | None, str | None]:
+    """A noun phrase and what it matches: mostly a colour ("red shape"), otherwise a shape ("circle")."""
+    if rng.random() < 0.7:
+        colour = rng.choice(list(COLOURS))
+        return f"{colour} shape", colour, None
+    shape = rng.choice(SHAPES)
+    return shape, None, shape
+
+
+def random_statement(rng: random.Random) -> tuple[str, Predicate]:
+    """An NLVR2-style statement and the test that decides it for a (left, right) pair of scenes.
+
+    The statements compare or combine the two images (existence in both or one, counts, more/fewer);
+    spatial relations are left to captions and VQA so that the pair task stays learnable by a tiny model.
+    """
+    noun, colour, shape = _noun(rng)
+    kind = rng.choice(("more", "both", "exactly_one", "count", "side"))
     if kind == "more":
         more = rng.random() < 0.5
-        text = f"the left image has {'more' if more else 'fewer'} {noun}s than the right image"
-        return text, (n_left > n_right) if more else (n_left < n_right)
+        text = f"the left image has {'more' if more else 'fewer'} shapes than the right image"
+        if more:
+            return text, lambda left, right: len(left.objects) > len(right.objects)
+        return text, lambda left, right: len(left.objects) < len(right.objects)
     if kind == "both":
-        return f"both images contain a {noun}", n_left > 0 and n_right > 0
+        return f"both images contain a {noun}", lambda left, right: min(_count(left, colour, shape), _count(right, colour, shape)) > 0
     if kind == "exactly_one":
-        return f"exactly one image contains a {noun}", (n_left > 0) != (n_right > 0)
+        return (f"exactly one image contains a {noun}",
+                lambda left, right: (_count(left, colour, shape) > 0) != (_count(right, colour, shape) > 0))
+    side = rng.choice(("left", "right"))
+    pick = (lambda left, right: left) if side == "left" else (lambda left, right: right)
     if kind == "count":
-        side, n_side = rng.choice((("left", n_left), ("right", n_right)))
-        k = rng.randint(1, 3)
-        return f"the {side} image contains exactly {_count_phrase(k, noun)}", n_side == k
-    side, scene = rng.choice((("left", left), ("right", right)))
-    a, b = rng.choice(scene.objects), rng.choice(left.objects + right.objects)
-    truth = any(o.colour == a.colour and o.shape == a.shape and p.colour == b.colour and p.shape == b.shape
-                and o.col < p.col for o in scene.objects for p in scene.objects)
-    return f"in the {side} image a {a.colour} {a.shape} is left of a {b.colour} {b.shape}", truth
+        k = rng.randint(1, 4)
+        return (f"the {side} image contains exactly {_count_phrase(k, 'shape')}",
+                lambda left, right: len(pick(left, right).objects) == k)
+    return f"the {side} image contains a {noun}", lambda left, right: _count(pick(left, right), colour, shape) > 0
+
+
+def statement_with_pairs(rng: random.Random, tries: int = 300) -> tuple[str, tuple[Scene, Scene], tuple[Scene, Scene]]:
+    """A statement with one image pair where it holds and one where it does not.
+
+    As in NLVR2, each sentence is shown with pairs of both truth values, so the words alone say
+    nothing about the label: the images must be looked at. Statements that rarely hold are redrawn.
+    """
+    while True:
+        text, holds = random_statement(rng)
+        found: dict[bool, tuple[Scene, Scene]] = {}
+        for _ in range(tries):
+            pair = (random_scene(rng), random_scene(rng))
+            found.setdefault(holds(*pair), pair)
+            if len(found) == 2:
+                return text, found[True], found[False]
 
 
 def text_corpus_line(scene: Scene, rng: random.Random) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from beit3.data.builders import BUILDERS, BuildReport
-from beit3.data.synthetic.language import annotator_answers, captions, question, statement, text_corpus_line
+from beit3.data.synthetic.language import annotator_answers, captions, question, statement_with_pairs, text_corpus_line
 from beit3.data.synthetic.scene import COLOURS, SHAPES, instance_masks, polygon, random_scene, render
 
 CLASSES = [f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES]
@@ -38,7 +38,6 @@ class WorldSize:
     flickr: int
     nlvr2_train: int
     nlvr2_eval: int
-    statements_per_pair: int
     class_train: int
     class_val: int
     detection_train: int
@@ -53,12 +52,12 @@ class WorldSize:
 WORLD_SIZES = {
     # A few seconds: tests and smoke runs.
     "small": WorldSize(coco_train=120, coco_val=60, vqa_test=20, questions_per_image=5, flickr=60,
-                       nlvr2_train=60, nlvr2_eval=20, statements_per_pair=2, class_train=6, class_val=2,
+                       nlvr2_train=60, nlvr2_eval=20, class_train=6, class_val=2,
                        detection_train=60, detection_val=20, pretrain_pairs=240, pretrain_images=240,
                        pretrain_texts=1000, shards=4, rest_val_images=20),
     # Well under a minute on two cores: enough to pretrain and fine-tune a tiny model in a demo.
     "medium": WorldSize(coco_train=1500, coco_val=500, vqa_test=200, questions_per_image=5, flickr=500,
-                        nlvr2_train=1000, nlvr2_eval=200, statements_per_pair=2, class_train=60, class_val=15,
+                        nlvr2_train=600, nlvr2_eval=100, class_train=60, class_val=15,
                         detection_train=600, detection_val=150, pretrain_pairs=3000, pretrain_images=3000,
                         pretrain_texts=20000, shards=8, rest_val_images=100),
 }
@@ -181,20 +180,20 @@ class _World:
         _write_json(root / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
 
     def nlvr2(self) -> None:
+        """Each statement comes with a pair where it is true and a pair where it is false (``nlvr2_*`` statements)."""
         rng, root = _rng(self.seed, "nlvr2"), self.out / "nlvr2"
         for split, count in (("train", self.size.nlvr2_train), ("dev", self.size.nlvr2_eval), ("test1", self.size.nlvr2_eval)):
             lines = []
-            for pair in range(count):
-                left, right = random_scene(rng), random_scene(rng)
-                directory = str(pair % 10)
-                folder = root / "images" / "train" / directory if split == "train" else root / split
-                prefix = f"{split}-{pair}-0"
-                _save(render(left, self.image_size), folder / f"{prefix}-img0.png")
-                _save(render(right, self.image_size), folder / f"{prefix}-img1.png")
-                for k in range(self.size.statements_per_pair):
-                    truth = (pair + k) % 2 == 0
-                    record = {"identifier": f"{prefix}-{k}", "sentence": statement(left, right, rng, truth),
-                              "label": "True" if truth else "False", "writer": "synthetic"}
+            for number in range(count):
+                text, true_pair, false_pair = statement_with_pairs(rng)
+                for pair_no, (truth, (left, right)) in enumerate(rng.sample([(True, true_pair), (False, false_pair)], 2)):
+                    directory = str(number % 10)
+                    folder = root / "images" / "train" / directory if split == "train" else root / split
+                    prefix = f"{split}-{number}-{pair_no}"
+                    _save(render(left, self.image_size), folder / f"{prefix}-img0.png")
+                    _save(render(right, self.image_size), folder / f"{prefix}-img1.png")
+                    record = {"identifier": f"{prefix}-0", "sentence": text, "label": "True" if truth else "False",
+                              "writer": "synthetic"}
                     if split == "train":
                         record["directory"] = directory
                     lines.append(json.dumps(record))
