@@ -207,7 +207,7 @@ class TextFiles:
         return {"__key__": f"{path}:{line_no}", "text": text}
 
 
-def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+def buffered_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Approximate shuffle: fill a buffer of ``size``, then emit a random element for each new one."""
     buffer: list[Any] = []
     for item in items:
@@ -292,7 +292,7 @@ class SampleStream(IterableDataset):
             refs = (ref for number, ref in enumerate(every) if number % slots == slot)
         if self.shuffle_buffer > 1:
             rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + slot)
-            refs = shuffle_buffer(refs, self.shuffle_buffer, rng)
+            refs = buffered_shuffle(refs, self.shuffle_buffer, rng)
         return iter(refs)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -38,11 +38,6 @@ class SceneObject:
     dx: float
     dy: float
 
-    @property
-    def phrase(self) -> str:
-        """Short noun phrase without article, e.g. "small red circle"."""
-        return f"{self.size} {self.colour} {self.shape}"
-
 
 @dataclass(frozen=True)
 class Scene:
