@@ -244,6 +244,18 @@ class Beit3PreTrainedModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
+def resize_linear_rows(old: nn.Linear, rows: int) -> nn.Linear:
+    """A copy of ``old`` with ``rows`` outputs: the first rows kept, new ones freshly initialised."""
+    new = nn.Linear(old.in_features, rows, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    init_module(new)
+    keep = min(rows, old.out_features)
+    with torch.no_grad():
+        new.weight[:keep] = old.weight[:keep]
+        if old.bias is not None:
+            new.bias[:keep] = old.bias[:keep]
+    return new
+
+
 def _mismatch_report(source: str, model: str, missing, unexpected, mismatched) -> str:
     lines = [f"{source} does not fit {model}:"]
 

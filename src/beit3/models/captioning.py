@@ -10,7 +10,7 @@ from torch import nn
 from beit3.config import Beit3Config
 from beit3.layers import caption_attention_mask
 from beit3.models.backbone import Beit3Model
-from beit3.models.base import Beit3PreTrainedModel, init_module
+from beit3.models.base import Beit3PreTrainedModel, resize_linear_rows
 from beit3.models.heads import init_head
 from beit3.models.outputs import CaptioningOutput
 
@@ -204,10 +204,4 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
                 "label_smoothing": self.label_smoothing}
 
     def _resize_vocab_heads(self, vocab_size: int, keep: int) -> None:
-        old = self.mlm_head
-        new = nn.Linear(old.in_features, vocab_size, device=old.weight.device, dtype=old.weight.dtype)
-        init_module(new)
-        with torch.no_grad():
-            new.weight[:keep] = old.weight[:keep]
-            new.bias[:keep] = old.bias[:keep]
-        self.mlm_head = new
+        self.mlm_head = resize_linear_rows(self.mlm_head, vocab_size)
