@@ -1,0 +1,197 @@
+"""BEiT-3 as a vision backbone for dense prediction (detection, instance and semantic segmentation).
+
+The vision path (V experts only) runs on any image size; its last feature map (stride = patch
+size) becomes a multi-scale pyramid with ViTDet's *simple feature pyramid*: two transposed convs
+(x4), one (x2), identity (x1) and a max-pool (x0.5), each followed by a 1x1 and a 3x3 conv. For
+large images most blocks can attend inside non-overlapping windows (ViTDet), the rest globally.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beit3.config import Beit3Config
+from beit3.layers import expert
+from beit3.models.backbone import Beit3Model
+from beit3.models.base import Beit3PreTrainedModel
+from beit3.models.outputs import ClassifierOutput
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, D) -> (B * windows, window * window, D), zero-padding H and W to multiples."""
+    batch, height, width, dim = x.shape
+    pad_h, pad_w = (-height) % window, (-width) % window
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    rows, cols = (height + pad_h) // window, (width + pad_w) // window
+    x = x.view(batch, rows, window, cols, window, dim).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch * rows * cols, window * window, dim), (rows, cols)
+
+
+def window_merge(x: torch.Tensor, grid: tuple[int, int], window: int, size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `window_partition`: (B * windows, window * window, D) -> (B, H, W, D)."""
+    rows, cols = grid
+    dim = x.shape[-1]
+    x = x.view(-1, rows, cols, window, window, dim).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, rows * window, cols * window, dim)[:, : size[0], : size[1]]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """One stride-P map -> maps at strides P/4, P/2, P, 2P (ViTDet), all with ``out_channels``."""
+
+    SCALES = (4.0, 2.0, 1.0, 0.5)
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for scale in self.SCALES:
+            if scale == 4.0:
+                layers = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
+                          nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)]
+                width = dim // 4
+            elif scale == 2.0:
+                layers, width = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+            elif scale == 1.0:
+                layers, width = [], dim
+            else:
+                layers, width = [nn.MaxPool2d(2, stride=2)], dim
+            layers += [nn.Conv2d(width, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+            self.stages.append(nn.Sequential(*layers))
+
+    def forward(self, feature: torch.Tensor) -> list[torch.Tensor]:
+        return [stage(feature) for stage in self.stages]
+
+
+def default_global_blocks(depth: int) -> set[int]:
+    """ViTDet's choice: the last block of each quarter of the depth attends globally."""
+    return {max(0, depth * quarter // 4 - 1) for quarter in (1, 2, 3, 4)}
+
+
+def vision_features(beit3: Beit3Model, pixel_values: torch.Tensor, window_size: int = 0,
+                    global_blocks: set[int] | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> the last block's patch features as a (B, D, H/P, W/P) map (V experts only).
+
+    The CLS token is dropped (ViTDet has none). With ``window_size`` > 0, blocks not in
+    ``global_blocks`` attend within non-overlapping windows of that many patches a side.
+    """
+    patch = beit3.config.patch_size
+    height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    global_blocks = default_global_blocks(beit3.config.num_layers) if global_blocks is None else global_blocks
+    x = beit3.embed_image(pixel_values)[:, 1:]  # (B, N, D) patches with positions
+    batch, _, dim = x.shape
+    for index, block in enumerate(beit3.layers):
+        if window_size and index not in global_blocks:
+            windows, grid = window_partition(x.view(batch, height, width, dim), window_size)
+            windows, _, _ = block(windows, None, joint=False, attn_mask=None)
+            x = window_merge(windows, grid, window_size, (height, width)).reshape(batch, -1, dim)
+        else:
+            x, _, _ = block(x, None, joint=False, attn_mask=None)
+    if beit3.norm is not None:
+        x = expert(beit3.norm, "vision")(x)
+    return x.transpose(1, 2).reshape(batch, dim, height, width)
+
+
+class Beit3VisionBackbone(nn.Module):
+    """Beit3Model's vision path -> OrderedDict of pyramid maps {"0": P/4, "1": P/2, "2": P, "3": 2P, "pool": 4P}.
+
+    Follows torchvision's detection backbone contract (``out_channels``, a dict of maps), so it
+    plugs into ``torchvision.models.detection.MaskRCNN``. See `vision_features` for windows.
+    """
+
+    def __init__(self, beit3: Beit3Model, out_channels: int = 256, window_size: int = 0,
+                 global_blocks: tuple[int, ...] | None = None):
+        super().__init__()
+        self.beit3 = beit3
+        self.out_channels = out_channels
+        self.window_size = window_size
+        self.global_blocks = default_global_blocks(beit3.config.num_layers) if global_blocks is None else set(global_blocks)
+        self.pyramid = SimpleFeaturePyramid(beit3.config.hidden_size, out_channels)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return vision_features(self.beit3, pixel_values, self.window_size, self.global_blocks)
+
+    def forward(self, pixel_values: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        levels = self.pyramid(self.features(pixel_values))
+        maps = OrderedDict((str(i), level) for i, level in enumerate(levels))
+        maps["pool"] = F.max_pool2d(levels[-1], 1, stride=2)  # the extra level torchvision's RPN expects
+        return maps
+
+
+def build_mask_rcnn(config: Beit3Config, num_classes: int, *, out_channels: int = 256, window_size: int = 0,
+                    min_size: int | None = None, max_size: int | None = None, backbone: Beit3Model | None = None):
+    """torchvision's Mask R-CNN on a BEiT-3 pyramid (``num_classes`` includes the background).
+
+    Anchors scale with the pyramid: 8 x stride per level, three aspect ratios.
+    Images are normalised with mean = std = 0.5 (the BEiT-3 vision-language normalisation);
+    pass already-[0, 1] images as torchvision's detection models expect.
+    """
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    body = Beit3VisionBackbone(backbone or Beit3Model(config), out_channels, window_size)
+    stride = config.patch_size
+    strides = [stride / 4, stride / 2, stride, stride * 2, stride * 4]
+    anchors = AnchorGenerator(sizes=tuple((int(8 * s),) for s in strides), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    names = ["0", "1", "2", "3"]
+    size = min_size or config.image_size
+    return MaskRCNN(
+        body, num_classes=num_classes, rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+        min_size=size, max_size=max_size or size, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+
+
+class Beit3ForSemanticSegmentation(Beit3PreTrainedModel):
+    """Pyramid + semantic-FPN head (Kirillov et al.): every level is convolved and upsampled to
+    stride P/4, the maps are summed and classified per pixel, then upsampled to the input.
+    Loss: cross-entropy ignoring label 255 (ADE20K's "other")."""
+
+    official_final_norm = False
+    ignore_index = 255
+
+    def __init__(self, config: Beit3Config, num_labels: int = 150, out_channels: int = 256, window_size: int = 0):
+        super().__init__(config)
+        self.num_labels, self.out_channels, self.window_size = num_labels, out_channels, window_size
+        self.beit3 = Beit3Model(config)
+        self.pyramid = SimpleFeaturePyramid(config.hidden_size, out_channels)
+        groups = 32 if out_channels % 32 == 0 else 1
+        self.level_heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                          nn.GroupNorm(groups, out_channels), nn.ReLU(inplace=True))
+            for _ in SimpleFeaturePyramid.SCALES
+        )
+        self.classifier = nn.Conv2d(out_channels, num_labels, 1)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
+        levels = self.pyramid(vision_features(self.beit3, pixel_values, self.window_size))
+        target = levels[0].shape[-2:]
+        fused = sum(F.interpolate(head(level), size=target, mode="bilinear", align_corners=False)
+                    if level.shape[-2:] != target else head(level)
+                    for head, level in zip(self.level_heads, levels))
+        logits = F.interpolate(self.classifier(fused), size=pixel_values.shape[-2:], mode="bilinear",
+                               align_corners=False)  # (B, classes, H, W)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=self.ignore_index)
+        return ClassifierOutput(logits=logits, loss=loss)
+
+    def head_args(self) -> dict:
+        return {"num_labels": self.num_labels, "out_channels": self.out_channels, "window_size": self.window_size}
+
+    @classmethod
+    def head_args_from_state_dict(cls, state: dict[str, torch.Tensor]) -> dict:
+        if "classifier.weight" not in state:
+            return {}
+        return {"num_labels": state["classifier.weight"].shape[0], "out_channels": state["classifier.weight"].shape[1]}
