@@ -77,7 +77,14 @@ class TaskEntry:
 
 _REGISTRY: dict[str, TaskEntry] = {}
 
-TASK_MODULES: list[str] = []
+TASK_MODULES: list[str] = [
+    "beit3.tasks.classification",
+    "beit3.tasks.vqav2",
+    "beit3.tasks.nlvr2",
+    "beit3.tasks.retrieval",
+    "beit3.tasks.captioning",
+    "beit3.tasks.segmentation",
+]
 """Modules imported on first lookup; each calls :func:`register_task` for the tasks it defines.
 Listing them here keeps ``import beit3.training`` from importing every task."""
 

@@ -1,0 +1,135 @@
+"""What every fine-tuning task shares: options, the tokenizer, the model, per-sample processing.
+
+The engine batches samples with the default collate, so each task's dataset returns one sample
+of fixed-shape tensors. :class:`ProcessedDataset` gets there by running the ``beit3.data``
+collator on a batch of one and taking the row back out, so the processing is exactly the one
+``Collator`` documents (text padded to ``max_text_len``).
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from beit3.config import Beit3Config
+from beit3.data import Collator
+from beit3.processing import Beit3ImageProcessor, Beit3Processor, Beit3Tokenizer
+from beit3.training.config import RunConfig
+
+COMMON_OPTIONS: dict[str, Any] = {
+    "tokenizer": None,
+    "train_index": None,
+    "val_index": None,
+}
+"""Options every task accepts: ``tokenizer`` (a SentencePiece file or tokenizer folder; default:
+the ``model.pretrained`` folder), ``train_index`` / ``val_index`` (file names under ``data.root``,
+or lists of them, replacing the task's defaults; ``val_index: null`` keeps the default)."""
+
+
+def parse_options(task: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``given``; an unknown key is an error naming the closest valid one."""
+    known = {**COMMON_OPTIONS, **defaults}
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise KeyError(f"unknown option task.options.{key} for task '{task}'{hint}; valid: {', '.join(sorted(known))}")
+    return {**known, **given}
+
+
+def index_files(root: str | None, names: str | Sequence[str]) -> list[Path]:
+    """Index files under ``data.root`` (absolute names are kept)."""
+    if root is None:
+        raise ValueError("set data.root to the folder holding the index files (see docs/data.md)")
+    names = [names] if isinstance(names, str) else list(names)
+    return [Path(n) if Path(n).is_absolute() else Path(root) / n for n in names]
+
+
+def load_tokenizer(options: Mapping[str, Any], cfg: RunConfig) -> Beit3Tokenizer:
+    """The tokenizer named by ``task.options.tokenizer``, else the one saved with the pretrained model."""
+    if options.get("tokenizer"):
+        return Beit3Tokenizer.from_pretrained(options["tokenizer"])
+    pretrained = cfg.model.pretrained
+    if pretrained and Path(pretrained).is_dir():
+        try:
+            return Beit3Tokenizer.from_pretrained(pretrained)
+        except FileNotFoundError:
+            pass
+    raise ValueError(
+        "no tokenizer: set task.options.tokenizer to the SentencePiece file (the official beit3.spm) "
+        "or to a tokenizer folder, or save one next to the pretrained model"
+    )
+
+
+def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None, **head_args: Any) -> nn.Module:
+    """The task model: from ``model.pretrained`` with a fresh head, or from the preset when it is unset.
+
+    The pretrained backbone is resized to ``model.image_size`` and gets ``model.drop_path_rate``.
+    """
+    sizes = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate}
+    if cfg.model.pretrained:
+        model = cls.from_pretrained(cfg.model.pretrained, init_head=True, **sizes, **head_args)
+    else:
+        if cls.official_final_norm is not None:  # the task's choice, as from_pretrained(init_head=True)
+            sizes["final_norm"] = cls.official_final_norm
+        model = cls(Beit3Config.from_preset(cfg.model.preset, **sizes), **head_args)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {model.config.vocab_size} rows"
+        )
+    return model
+
+
+def image_processor(task: str, cfg: RunConfig, train: bool, **kwargs: Any) -> Beit3ImageProcessor:
+    """The official pipeline of ``task`` at ``model.image_size`` (training augmentation when ``train``)."""
+    base = Beit3ImageProcessor.for_task(task, cfg.model.image_size, train=train)
+    return Beit3ImageProcessor(base.image_size, base.mode, train, randaug=kwargs.pop("randaug", base.randaug), **kwargs)
+
+
+class ProcessedDataset(Dataset):
+    """Raw samples -> one processed sample of tensors (plus ``index``, the row number).
+
+    ``collate`` is a ``beit3.data.Collator``; it runs on a batch of one and each tensor loses its
+    batch dimension. Non-tensor values (caption references) are dropped: the default collate
+    cannot batch them, and tasks read them from the index instead.
+    """
+
+    def __init__(self, raw: Dataset, collate: Callable[[list], dict[str, Any]]) -> None:
+        self.raw = raw
+        self.collate = collate
+
+    def __len__(self) -> int:
+        return len(self.raw)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.collate([self.raw[index]])
+        sample = {k: v[0] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        sample["index"] = torch.tensor(index)
+        return sample
+
+
+def make_collator(tokenizer: Beit3Tokenizer, images: Beit3ImageProcessor, max_text_len: int, **kwargs: Any) -> Collator:
+    return Collator(Beit3Processor(tokenizer, images, max_length=max_text_len), **kwargs)
+
+
+def count_tokens(batch: Mapping[str, Any], patch_size: int) -> int:
+    """Patches (+ CLS) of every image plus the real text tokens of a batch."""
+    tokens = 0
+    pixels = batch.get("pixel_values")
+    if pixels is not None:
+        images = pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1)
+        tokens += images * ((pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size) + 1)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        tokens += int(mask.sum().item()) * (pixels.shape[1] if pixels is not None and pixels.dim() == 5 else 1)
+    return tokens
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (for methods other than ``forward``, e.g. ``generate``)."""
+    return getattr(model, "module", model)

@@ -1,0 +1,128 @@
+"""VQAv2 as answer classification over the answer vocabulary: task ``vqav2``.
+
+Training targets are the soft scores of ``answer2label.txt`` (0.3 per annotator, capped at 1);
+the loss is the release's binary cross-entropy summed over answers, averaged over the batch.
+Validation reports the local soft score (``vqa_score``, in %, the number the official fine-tuning
+prints). The official VQA accuracy needs the ten raw annotator answers, which the index does not
+keep: compute it with :func:`beit3.tasks.metrics.vqa_accuracy` on predictions from
+:meth:`VQATask.predict`, and write the EvalAI file for test-dev with
+:func:`beit3.tasks.metrics.write_vqa_submission` (``beit3 evaluate --task vqav2 --split test-dev``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from beit3.data import VQADataset
+from beit3.data.builders import read_answer2label
+from beit3.models import Beit3ForVisualQuestionAnswering
+from beit3.tasks.common import (
+    ProcessedDataset,
+    build_task_model,
+    count_tokens,
+    image_processor,
+    index_files,
+    load_tokenizer,
+    make_collator,
+    parse_options,
+)
+from beit3.tasks.metrics import vqa_soft_score
+from beit3.training.config import RunConfig
+from beit3.training.distributed import all_gather_objects, all_reduce_sum
+from beit3.training.task import register_task
+
+DEFAULTS: dict[str, Any] = {
+    "num_classes": None,
+    "randaug": True,
+    "max_text_len": 64,
+    "answer2label": "answer2label.txt",
+}
+TRAIN_INDEX = ["vqa.train.jsonl", "vqa.trainable_val.jsonl"]
+VAL_INDEX = "vqa.rest_val.jsonl"
+
+
+class VQATask:
+    metric_name = "vqa_score"
+    higher_is_better = True
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.options = parse_options("vqav2", cfg.task.options, DEFAULTS)
+        self.patch_size = 16
+        self._labels: list[str] | None = None
+
+    @property
+    def answers(self) -> list[str]:
+        """Answer strings by label id, from ``answer2label.txt`` under ``data.root``."""
+        if self._labels is None:
+            (path,) = index_files(self.cfg.data.root, self.options["answer2label"])
+            answer2label = read_answer2label(path)
+            labels = [""] * len(answer2label)
+            for answer, label in answer2label.items():
+                labels[label] = answer
+            self._labels = labels
+        return self._labels
+
+    @property
+    def num_classes(self) -> int:
+        given = self.options["num_classes"]
+        if self.cfg.data.root is None and given is not None:
+            return int(given)
+        found = len(self.answers)
+        if given is not None and int(given) != found:
+            raise ValueError(f"task.options.num_classes={given} but {self.options['answer2label']} has {found} answers")
+        return found
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        model = build_task_model(Beit3ForVisualQuestionAnswering, cfg, None, num_labels=self.num_classes)
+        self.patch_size = model.config.patch_size
+        return model
+
+    def dataset(self, cfg: RunConfig, names, train: bool) -> Dataset:
+        tokenizer = load_tokenizer(self.options, cfg)
+        images = image_processor("vqav2", cfg, train, randaug=bool(self.options["randaug"]))
+        collate = make_collator(tokenizer, images, int(self.options["max_text_len"]), task="vqav2",
+                                num_labels=self.num_classes)
+        return ProcessedDataset(VQADataset(index_files(cfg.data.root, names)), collate)
+
+    def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
+        o = self.options
+        return (self.dataset(cfg, o["train_index"] or TRAIN_INDEX, True),
+                self.dataset(cfg, o["val_index"] or VAL_INDEX, False))
+
+    def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {}
+
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        sums = torch.zeros(2, dtype=torch.float64)  # score, questions
+        for batch in batches:
+            keep = ~batch["is_padding"]
+            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            sums += torch.tensor([vqa_soft_score(logits[keep], batch["labels"][keep]), int(keep.sum())],
+                                 dtype=torch.float64)
+        all_reduce_sum(sums)
+        return {"vqa_score": 100 * sums[0].item() / max(sums[1].item(), 1.0), "questions": sums[1].item()}
+
+    def predict(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> list[tuple[int, str]]:
+        """(question id, answer string) for every question of the split, gathered from all processes."""
+        mine: list[tuple[int, str]] = []
+        for batch in batches:
+            keep = ~batch["is_padding"]
+            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+            for qid, label in zip(batch["qid"][keep].tolist(), logits[keep].argmax(-1).tolist()):
+                mine.append((qid, self.answers[label]))
+        return [pair for part in all_gather_objects(mine) for pair in part]
+
+    def num_tokens(self, batch: dict[str, Any]) -> int:
+        return count_tokens(batch, self.patch_size)
+
+
+register_task("vqav2", "finetune", VQATask, "VQAv2 answer classification: soft-score BCE, vqa_score")

@@ -1,0 +1,44 @@
+"""`beit3 finetune` runs a couple of steps of every task on the synthetic world (tiny recipes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from beit3.cli import main
+from beit3.training.task import registered_tasks
+
+from .conftest import VAL_INDEX
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+METRIC = {"imagenet": "acc1", "vqav2": "vqa_score", "nlvr2": "accuracy", "retrieval": "average_score",
+          "captioning": "cider"}
+
+
+def test_every_task_is_registered_under_the_recipe_names():
+    names = {entry.name for entry in registered_tasks().values() if entry.kind == "finetune"}
+    assert set(METRIC) <= names
+    for recipe in CONFIGS.glob("*.yaml"):
+        text = recipe.read_text()
+        if "\ntask:\n  name:" in text and "pretrain" not in recipe.name:
+            name = text.split("\ntask:\n  name:")[1].split()[0]
+            assert name in names, f"{recipe.name} names task {name!r}"
+
+
+@pytest.mark.parametrize("task", sorted(METRIC))
+def test_finetune_two_steps_from_a_pretrained_folder(task, world, pretrained_dir, tmp_path):
+    out = tmp_path / "run"
+    status = main([
+        "finetune", "--recipe", str(CONFIGS / f"tiny_{task}.yaml"),
+        f"data.root={world / 'index'}", f"model.pretrained={pretrained_dir}", f"train.output_dir={out}",
+        "schedule.max_steps=2", "schedule.warmup_steps=1", "data.batch_size=4", "data.eval_batch_size=6",
+        f"task.options.val_index=small.{VAL_INDEX[task]}", "task.options.tokenizer=null",
+    ] + (["task.options.num_beams=1", "task.options.max_decode_len=6"] if task == "captioning" else []))
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [row for row in val if row.get("split") == "val"]
+    assert val and METRIC[task] in val[-1]
+    assert (out / "final" / "model.safetensors").is_file()
