@@ -70,6 +70,7 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
     """The task model: from ``model.pretrained`` with a fresh head, or from the preset when it is unset.
 
     The pretrained backbone is resized to ``model.image_size`` and gets ``model.drop_path_rate``.
+    The image mask token is frozen (see below).
     """
     sizes = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.pretrained:
@@ -78,6 +79,12 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
         if cls.official_final_norm is not None:  # the task's choice, as from_pretrained(init_head=True)
             sizes["final_norm"] = cls.official_final_norm
         model = cls(Beit3Config.from_preset(cfg.model.preset, **sizes), **head_args)
+    # The image mask token is for masked-image pretraining; no fine-tuning task uses it. Left
+    # trainable, DDP (find_unused_parameters=False) would wait for its gradient forever: nothing is
+    # all-reduced on the first step and the second step fails.
+    for name, param in model.named_parameters():
+        if name.endswith("vision_embed.mask_token"):
+            param.requires_grad_(False)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {model.config.vocab_size} rows"

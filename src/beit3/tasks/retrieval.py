@@ -1,11 +1,10 @@
 """Image-text retrieval (COCO, Flickr30k): task ``retrieval``.
 
-Training: the symmetric contrastive loss of the release, with image and text features gathered
-from every process. Each process scores its own rows against all gathered features (labels offset
-by rank x local batch); ``torch.distributed.nn.functional.all_gather`` sends each process the
-gradient with respect to its own slice, summed over the processes that used it, so after DDP
-averages the parameter gradients a run over W processes takes the same step as one process with
-the whole batch (``tests/tasks/test_distributed.py``).
+Training: the symmetric contrastive loss of the release over the whole global batch, with image
+and text features gathered from every process and gradients through the local slice only
+(:func:`distributed_contrastive_loss`); after DDP averages the parameter gradients, a run over W
+processes takes the same step as one process with the whole batch
+(``tests/tasks/test_distributed.py`` checks it with 2 gloo processes).
 
 Evaluation: embeddings of the whole split are gathered from all processes before R@K is computed
 (the release computes it on each process's shard, which is only right on one GPU). Images are
@@ -44,41 +43,56 @@ DEFAULTS: dict[str, Any] = {"dataset": "coco", "max_text_len": 64, "randaug": Fa
 INDEX_PREFIX = {"coco": "coco_retrieval", "flickr30k": "flickr30k"}
 
 
-def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All processes' features, concatenated in rank order, and where this process's rows start."""
+def gather_features(features: torch.Tensor) -> torch.Tensor:
+    """All processes' features in rank order; only this process's slice carries a gradient."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features, 0
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(features.contiguous())
-    return torch.cat(parts, dim=0), dist.get_rank() * features.shape[0]
+        return features
+    parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, features.detach().contiguous())
+    parts[dist.get_rank()] = features
+    return torch.cat(parts, dim=0)
 
 
 def distributed_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                                 logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of the local rows against the features of every process.
+                                 scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the pairs of every process, with gradients through the local slice.
 
-    image_embeds, text_embeds: (B, D) local, L2-normalised; row i of each is a pair. Every process
-    must use the same local batch size.
+    image_embeds, text_embeds: (B, D) local, L2-normalised, row i of each a pair; every process
+    has the same B. scale: exp(logit_scale). Each process computes the loss of the whole global
+    batch (the value one process would compute) from gathered features, but only its own rows
+    carry a gradient, so no collective runs in backward (a collective in backward races with
+    DDP's gradient all-reduce on gloo). Two rescalings make the averaged update exact: the loss's
+    gradient is multiplied by W, so the W local parts average to the full gradient, and the
+    scale's by 1/W, because every process already sees the whole of its gradient.
     """
-    all_images, offset = gather_with_grad(image_embeds.float())
-    all_texts, _ = gather_with_grad(text_embeds.float())
-    scale = logit_scale.float()
-    logits_i2t = scale * image_embeds.float() @ all_texts.t()  # (B, W*B)
-    logits_t2i = scale * text_embeds.float() @ all_images.t()  # (B, W*B)
-    targets = torch.arange(image_embeds.shape[0], device=image_embeds.device) + offset
-    return (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    all_images = gather_features(image_embeds.float())  # (W*B, D)
+    all_texts = gather_features(text_embeds.float())  # (W*B, D)
+    scale = scale.float()
+    if world > 1:
+        scale = scale / world + scale.detach() * (1 - 1 / world)  # value unchanged, gradient / W
+    logits = scale * all_images @ all_texts.t()  # (W*B, W*B)
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    if world > 1:
+        loss = world * loss - (world - 1) * loss.detach()  # value unchanged, gradient x W
+    return loss
 
 
 def scale_from_logits(logits: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """exp(logit_scale) read back from the model output, keeping its gradient.
+    """exp(logit_scale) read back from the model output, with a gradient to ``logit_scale`` only.
 
-    The model returns ``logits = scale * cosines``; the least-squares ratio recovers the scale
-    exactly and its gradient flows to ``logit_scale`` through ``logits``, so the task never has to
-    reach into a (possibly DDP-wrapped or sharded) model for the parameter.
+    The model returns ``logits = S * C`` with ``C`` the cosines of its embeddings; the task needs
+    ``S`` without reaching into a (possibly DDP-wrapped or sharded) model for the parameter.
+    ``logits - S.detach() * C`` is zero in value, and its gradient reaches ``S`` but cancels on the
+    embeddings; projecting it on ``C`` and adding the detached least-squares ratio gives ``S`` with
+    exactly the parameter's gradient (the embeddings get theirs through the loss only).
     """
-    cosines = (image_embeds @ text_embeds.t()).detach().float()
-    return (logits.float() * cosines).sum() / (cosines * cosines).sum()
+    cosines = image_embeds.float() @ text_embeds.float().t()  # (B, B), with gradient
+    fixed = cosines.detach()
+    denom = (fixed * fixed).sum()
+    scale = (logits.detach().float() * fixed).sum() / denom
+    return scale + ((logits.float() - scale * cosines) * fixed).sum() / denom
 
 
 class RetrievalTask:
