@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "beit3.demo",
     "beit3.processing.commands",
     "beit3.training.commands",
+    "beit3.pretraining.commands",
 ]
 
 

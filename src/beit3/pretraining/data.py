@@ -1,0 +1,131 @@
+"""The masked-data-modeling dataset: one sample = one image, one text and one image-text pair.
+
+So a batch of B samples holds B images, B texts and B pairs — the paper's 1 : 1 : 1 composition
+(2048 + 2048 + 2048 = 6144 per step). Sample ``i`` takes item ``i mod n`` of each source, so the
+dataset is as long as the largest source and the smaller ones repeat within an epoch.
+
+Masking happens here, on the CPU, per sample: the block mask of each image (and of each pair
+image, when ``pair_mask_image``), the BERT corruption of each text and caption. Visual-token
+targets are *not* computed here: they need the tokenizer's forward, which the task runs on the
+accelerator for the whole batch (as BEiT v2 does).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from torch.utils.data import Dataset
+
+from beit3.pretraining.masking import BlockMaskingGenerator, mask_text_tokens
+
+MEAN = STD = (0.5, 0.5, 0.5)  # BEiT-3's normalisation, and the [-1, 1] range VQ-KD expects
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingOptions:
+    text_mask_prob: float = 0.15
+    pair_mask_prob: float = 0.5
+    image_mask_ratio: float = 0.4
+    min_block_patches: int = 16
+    pair_mask_image: bool = True
+    """Also mask 40% of each pair image block-wise and predict its visual tokens (VL-BEiT's
+    reading; the BEiT-3 paper does not say, see docs/pretraining.md)."""
+    text_length: int = 64
+    """Tokens per text-only sample, BOS and EOS included."""
+    caption_length: int = 32
+    """Tokens per pair caption, BOS and EOS included."""
+
+
+def pretraining_transform(image_size: int, train: bool, crop_scale: Sequence[float] = (0.2, 1.0),
+                          color_jitter: float = 0.4) -> T.Compose:
+    """BEiT's augmentation (colour jitter, flip, random resized crop; paper Table 11) or a plain resize.
+
+    One view serves both the backbone and the visual tokenizer: both read [-1, 1] pixels, so
+    crop, flip and jitter are shared exactly as in BEiT v2's two-view pipeline.
+    """
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        steps: list[Any] = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
+        steps += [T.RandomHorizontalFlip(), T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)]
+    else:
+        steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class MaskedDataModelingDataset(Dataset):
+    """Map-style dataset over three lists of sample references.
+
+    images / texts / pairs: (source, refs) with ``source.load(ref)`` returning a dict with
+    ``image`` and/or ``text`` (the :mod:`beit3.data.streams` sources). ``tokenizer`` is a
+    :class:`beit3.processing.Beit3Tokenizer`. With ``train=False`` masks are seeded by the index,
+    so validation sees the same masks every time.
+    """
+
+    def __init__(self, images: tuple[Any, list[Any]], texts: tuple[Any, list[Any]], pairs: tuple[Any, list[Any]],
+                 tokenizer: Any, *, image_size: int, patch_size: int, options: MaskingOptions = MaskingOptions(),
+                 train: bool = True, seed: int = 0, crop_scale: Sequence[float] = (0.2, 1.0),
+                 color_jitter: float = 0.4) -> None:
+        for name, (_, refs) in (("images", images), ("texts", texts), ("pairs", pairs)):
+            if not refs:
+                raise ValueError(f"the pretraining {name} source is empty")
+        self.images, self.texts, self.pairs = images, texts, pairs
+        self.tokenizer, self.options, self.train, self.seed = tokenizer, options, train, seed
+        self.transform = pretraining_transform(image_size, train, crop_scale, color_jitter)
+        grid = image_size // patch_size
+        self.masker = BlockMaskingGenerator.from_ratio(grid, options.image_mask_ratio,
+                                                       min_num_patches=options.min_block_patches)
+        self.special_ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def __len__(self) -> int:
+        return max(len(self.images[1]), len(self.texts[1]), len(self.pairs[1]))
+
+    def _load(self, source: tuple[Any, list[Any]], index: int) -> dict[str, Any]:
+        loader, refs = source
+        return loader.load(refs[index % len(refs)])
+
+    def _masked_text(self, text: str, length: int, prob: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer([text], max_length=length, padding="max_length")
+        ids, attention = encoded["input_ids"], encoded["attention_mask"]
+        corrupted, labels = mask_text_tokens(ids, attention, prob, mask_token_id=self.tokenizer.mask_token_id,
+                                             vocab_size=self.tokenizer.vocab_size, special_ids=self.special_ids,
+                                             generator=generator)
+        return {"input_ids": corrupted[0], "attention_mask": attention[0], "labels": labels[0]}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.train:  # fresh masks every epoch; the engine seeds torch per rank and per worker
+            seed = int(torch.randint(0, 2**62, ()).item())
+        else:
+            seed = self.seed * 1_000_003 + index
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(seed)
+        opts = self.options
+
+        image = self._load(self.images, index)["image"]
+        text = self._load(self.texts, index)["text"]
+        pair = self._load(self.pairs, index)
+        masks = self.masker(2, rng)
+        text_part = self._masked_text(text, opts.text_length, opts.text_mask_prob, generator)
+        pair_part = self._masked_text(pair["text"], opts.caption_length, opts.pair_mask_prob, generator)
+        sample = {
+            "image_pixel_values": self.transform(image.convert("RGB")),
+            "image_mask": masks[0],
+            "text_input_ids": text_part["input_ids"],
+            "text_attention_mask": text_part["attention_mask"],
+            "text_labels": text_part["labels"],
+            "pair_pixel_values": self.transform(pair["image"].convert("RGB")),
+            "pair_input_ids": pair_part["input_ids"],
+            "pair_attention_mask": pair_part["attention_mask"],
+            "pair_labels": pair_part["labels"],
+        }
+        if opts.pair_mask_image:
+            sample["pair_image_mask"] = masks[1]
+        return sample
+
+
+def collect_refs(source: Any) -> list[Any]:
+    """Every sample reference of a :mod:`beit3.data.streams` source, in order."""
+    return [ref for unit in source.units() for ref in source.refs(unit)]

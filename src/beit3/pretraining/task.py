@@ -1,0 +1,225 @@
+"""``beit3 pretrain``: masked data modeling on the training engine (task name ``mdm``).
+
+Recipe options (``task.options``), all optional except ``visual_tokenizer``:
+
+Relative paths are taken under ``data.root``.
+
+* ``visual_tokenizer``: a VQ-KD directory (``beit3 visual-tokenizer train``) or a released BEiT v2
+  tokenizer ``.pth``; its patch grid must equal the model's.
+* ``tokenizer``: a text tokenizer directory or ``.spm`` file. Without one a unigram tokenizer of
+  ``text_vocab_size`` pieces is trained on the text corpus and saved in ``<output_dir>/text_tokenizer``.
+* ``images`` / ``pairs``: tar shards (globs, relative to ``data.root``); ``texts``: text files.
+  Defaults: the synthetic world's ``pretrain/images/*.tar``, ``pretrain/pairs/*.tar``,
+  ``pretrain/texts.txt``.
+* ``val_size``: samples of each source held out for validation (default 32).
+* masking: ``text_mask_prob`` (0.15), ``pair_mask_prob`` (0.5), ``image_mask_ratio`` (0.4),
+  ``min_block_patches`` (16), ``pair_mask_image`` (true), ``text_length`` (64), ``caption_length`` (32).
+* augmentation: ``crop_scale`` ([0.2, 1.0]), ``color_jitter`` (0.4).
+* ``loss_weights``: per stream, default 1 each (``text_mlm``, ``pair_mlm``, ``image_mim``, ``pair_mim``).
+* ``visual_vocab_size`` is read off the tokenizer.
+
+Validation reports each stream's loss and accuracy, and ``pair_mlm_loss_shuffled``: the pair-MLM
+loss when every caption is shown another sample's image. The gap to ``pair_mlm_loss`` measures
+how much the text predictions use the image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from beit3.pretraining.data import MaskedDataModelingDataset, MaskingOptions, collect_refs
+from beit3.pretraining.vqkd import VQKD
+
+logger = logging.getLogger(__name__)
+
+STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
+_MASKING_KEYS = {f.name for f in dataclasses.fields(MaskingOptions)}
+_KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "images", "pairs", "texts",
+                          "val_size", "crop_scale", "color_jitter", "loss_weights"}
+
+
+class MaskedDataModelingTask:
+    """The TrainTask of BEiT-3 pretraining."""
+
+    metric_name = "loss"
+    higher_is_better = False
+
+    def __init__(self, cfg: Any) -> None:
+        options = dict(cfg.task.options)
+        unknown = sorted(set(options) - _KNOWN)
+        if unknown:
+            raise ValueError(f"unknown pretraining option(s) {unknown}; known: {sorted(_KNOWN)}")
+        if not options.get("visual_tokenizer"):
+            raise ValueError("task.options.visual_tokenizer is required: a VQ-KD directory "
+                             "('beit3 visual-tokenizer train') or a BEiT v2 tokenizer .pth")
+        self.options = options
+        self.masking = MaskingOptions(**{k: v for k, v in options.items() if k in _MASKING_KEYS})
+        weights = {name: 1.0 for name in STREAMS}
+        for name, value in dict(options.get("loss_weights") or {}).items():
+            if name not in weights:
+                raise ValueError(f"loss_weights: unknown stream {name!r}; streams are {list(STREAMS)}")
+            weights[name] = float(value)
+        self.loss_weights = weights
+        self.root = Path(cfg.data.root) if cfg.data.root else None
+        self.visual_tokenizer = VQKD.from_pretrained(self._path(options["visual_tokenizer"])).freeze()
+        self.tokenizer = self._text_tokenizer(cfg)
+
+    # ------------------------------------------------------------------------------ building
+    def _path(self, value: str) -> str:
+        return str(self.root / value) if self.root is not None and not Path(value).is_absolute() else value
+
+    def _text_tokenizer(self, cfg: Any):
+        from beit3.processing import Beit3Tokenizer, train_tokenizer
+
+        given = self.options.get("tokenizer")
+        if given:
+            path = Path(self._path(given))
+            return Beit3Tokenizer.from_pretrained(path) if path.is_dir() else Beit3Tokenizer(path)
+        texts = sorted(Path(p) for p in _glob(self._path(self.options.get("texts", "pretrain/texts.txt"))))
+        if not texts:
+            raise FileNotFoundError("no text files for the tokenizer; set task.options.tokenizer or texts")
+        tokenizer = train_tokenizer(texts, int(self.options.get("text_vocab_size", 256)), progress=False, num_threads=1)
+        out = Path(cfg.train.output_dir) / "text_tokenizer"
+        if int(os.environ.get("RANK", "0")) == 0:  # the task is built before the process group
+            tokenizer.save_pretrained(out)
+            logger.info("trained a %d-id text tokenizer, saved in %s", tokenizer.vocab_size, out)
+        return tokenizer
+
+    def build_model(self, cfg: Any) -> nn.Module:
+        from beit3.models import Beit3ForPreTraining
+
+        overrides = dict(image_size=cfg.model.image_size, drop_path_rate=cfg.model.drop_path_rate)
+        if cfg.model.pretrained:
+            model = Beit3ForPreTraining.from_pretrained(cfg.model.pretrained, **overrides)
+        else:
+            from beit3.config import Beit3Config
+
+            config = Beit3Config.from_preset(cfg.model.preset, vocab_size=self.tokenizer.vocab_size, **overrides)
+            model = Beit3ForPreTraining(config, visual_vocab_size=self.visual_tokenizer.config.codebook_size)
+        if model.config.vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(f"the model has {model.config.vocab_size} text ids, the tokenizer {self.tokenizer.vocab_size}")
+        grid = self.visual_tokenizer.config.grid_size
+        if model.config.grid_size != grid:
+            raise ValueError(f"the visual tokenizer gives a {grid}x{grid} code grid but the model has "
+                             f"{model.config.grid_size}x{model.config.grid_size} patches; see docs/pretraining.md")
+        return model
+
+    def build_datasets(self, cfg: Any) -> tuple[MaskedDataModelingDataset, MaskedDataModelingDataset | None]:
+        from beit3.data import TarShards, TextFiles
+
+        opts = self.options
+        sources = {
+            "images": TarShards(self._path(opts.get("images", "pretrain/images/*.tar"))),
+            "pairs": TarShards(self._path(opts.get("pairs", "pretrain/pairs/*.tar"))),
+            "texts": TextFiles(self._path(opts.get("texts", "pretrain/texts.txt"))),
+        }
+        val_size = int(opts.get("val_size", 32))
+        train, val = {}, {}
+        for name, source in sources.items():
+            refs = collect_refs(source)
+            if len(refs) <= val_size:
+                raise ValueError(f"pretraining {name}: {len(refs)} samples, not more than val_size={val_size}")
+            train[name] = (source, refs[: len(refs) - val_size] if val_size else refs)
+            val[name] = (source, refs[len(refs) - val_size:])
+        common = dict(tokenizer=self.tokenizer, image_size=cfg.model.image_size,
+                      patch_size=cfg.model.image_size // self.visual_tokenizer.config.grid_size,
+                      options=self.masking, seed=cfg.train.seed,
+                      crop_scale=tuple(opts.get("crop_scale", (0.2, 1.0))),
+                      color_jitter=float(opts.get("color_jitter", 0.4)))
+        train_set = MaskedDataModelingDataset(train["images"], train["texts"], train["pairs"], train=True, **common)
+        val_set = MaskedDataModelingDataset(val["images"], val["texts"], val["pairs"], train=False, **common) \
+            if val_size else None
+        return train_set, val_set
+
+    # ------------------------------------------------------------------------------ steps
+    def _inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tokenizer = self.visual_tokenizer
+        device = batch["image_pixel_values"].device
+        if next(tokenizer.parameters()).device != device:
+            tokenizer.to(device)
+        inputs = {k: v for k, v in batch.items() if k != "is_padding"}
+        with torch.no_grad():
+            inputs["image_labels"] = tokenizer.get_codebook_indices(batch["image_pixel_values"].float())
+            if "pair_image_mask" in batch:
+                inputs["pair_image_labels"] = tokenizer.get_codebook_indices(batch["pair_pixel_values"].float())
+        return inputs
+
+    def _weighted_loss(self, out: Any) -> torch.Tensor:
+        return sum(self.loss_weights[name] * result.loss for name, result in out.streams().items())
+
+    def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(**self._inputs(batch))
+        logs = {}
+        for name, result in out.streams().items():
+            logs[f"{name}_loss"] = float(result.loss.detach())
+            logs[f"{name}_acc"] = float(result.accuracy)
+        return self._weighted_loss(out), logs
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        from beit3.training.distributed import all_reduce_sum
+
+        keys = [*STREAMS, "pair_mlm_shuffled"]
+        totals = torch.zeros(len(keys), 3, dtype=torch.float64)  # per key: loss x targets, correct, targets
+        for batch in batches:
+            keep = ~batch["is_padding"].bool()
+            if not bool(keep.any()):
+                continue
+            batch = {k: v[keep] for k, v in batch.items() if k != "is_padding"}
+            inputs = self._inputs(batch)
+            streams = model(**inputs).streams()
+            if batch["pair_pixel_values"].shape[0] > 1:  # every caption with another sample's image
+                streams["pair_mlm_shuffled"] = model(
+                    pair_pixel_values=batch["pair_pixel_values"].roll(1, dims=0),
+                    pair_input_ids=inputs["pair_input_ids"], pair_attention_mask=inputs["pair_attention_mask"],
+                    pair_labels=inputs["pair_labels"]).pair_mlm
+            for row, key in enumerate(keys):
+                result = streams.get(key)
+                if result is not None:
+                    n = result.num_targets
+                    totals[row] += torch.tensor([result.loss.item() * n, result.accuracy.item() * n, n],
+                                                dtype=torch.float64)
+        device = next(self.visual_tokenizer.parameters()).device
+        totals = all_reduce_sum(totals.to(device)).cpu()
+        metrics: dict[str, float] = {}
+        for key, (loss_sum, correct, n) in zip(keys, totals.tolist()):
+            if n > 0:
+                metrics[f"{key}_loss"] = loss_sum / n
+                metrics[f"{key}_acc"] = correct / n
+        if "pair_mlm_shuffled_loss" in metrics:
+            metrics["pair_mlm_loss_shuffled"] = metrics.pop("pair_mlm_shuffled_loss")
+            metrics.pop("pair_mlm_shuffled_acc")
+        metrics["loss"] = sum(self.loss_weights[k] * metrics[f"{k}_loss"] for k in STREAMS if f"{k}_loss" in metrics)
+        return metrics
+
+    def num_tokens(self, batch: dict[str, Any]) -> int:
+        per_image = self.visual_tokenizer.config.grid_size ** 2 + 1  # patches + CLS (grids are equal)
+        images = batch["image_pixel_values"].shape[0] + batch["pair_pixel_values"].shape[0]
+        text = int(batch["text_attention_mask"].sum()) + int(batch["pair_attention_mask"].sum())
+        return images * per_image + text
+
+
+def _glob(pattern: str) -> list[str]:
+    import glob
+
+    return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else ([pattern] if Path(pattern).exists() else [])
+
+
+def make_task(cfg: Any) -> MaskedDataModelingTask:
+    return MaskedDataModelingTask(cfg)
+
+
+def _register() -> None:
+    from beit3.training.task import register_task
+
+    register_task("mdm", "pretrain", make_task, "BEiT-3 masked data modeling on images, texts and pairs")
+
+
+_register()

@@ -1,0 +1,95 @@
+"""`beit3 pretrain` on the synthetic world: a few engine steps end to end (seconds on CPU)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from beit3.config import Beit3Config
+
+from beit3.data.synthetic import world
+from beit3.pretraining.commands import codebook_usage, train_visual_tokenizer
+from beit3.pretraining.data import collect_refs
+from beit3.pretraining.teachers import HOGTeacher
+from beit3.pretraining.vqkd import VQKDConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SMALL_WORLD = world.WorldSize(coco_train=2, coco_val=2, vqa_test=1, questions_per_image=1, flickr=2, nlvr2_train=2,
+                              nlvr2_eval=2, class_train=1, class_val=1, detection_train=1, detection_val=1,
+                              pretrain_pairs=48, pretrain_images=48, pretrain_texts=96, shards=2, rest_val_images=1)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    world.generate(root, size=SMALL_WORLD, image_size=32, build_indexes=False)
+    from beit3.data import TarShards
+
+    source = TarShards(str(root / "pretrain/images/*.tar"))
+    refs = collect_refs(source)
+    vqkd = train_visual_tokenizer(refs, source.load, VQKDConfig.tiny(codebook_size=64), HOGTeacher(8), steps=3,
+                                  batch_size=16, lr=1e-3, log_every=0)
+    vqkd.save_pretrained(root / "vqkd")
+    report = codebook_usage(vqkd, refs, source.load)
+    assert report["num_patches"] == 48 * 16 and 0 < report["usage"] <= 1
+    return root
+
+
+def test_pretrain_runs_on_the_engine_and_its_weights_fine_tune(synthetic, tmp_path):
+    from beit3.cli import main
+    from beit3.models import Beit3ForVisualQuestionAnswering
+
+    out = tmp_path / "run"
+    status = main(["pretrain", "--recipe", str(CONFIGS / "pretrain_tiny.yaml"), "--output-dir", str(out),
+                   f"data.root={synthetic}", "task.options.visual_tokenizer=vqkd", "task.options.tokenizer=null",
+                   "task.options.text_vocab_size=64", "task.options.val_size=8", "data.batch_size=8",
+                   "schedule.max_steps=3", "schedule.warmup_steps=1", "train.eval_every=3",
+                   "train.checkpoint_every=null", "train.log_every=1"])
+    assert status == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"][-1]
+    assert len(train) == 3
+    for stream, vocab in (("text_mlm", 66), ("pair_mlm", 66), ("image_mim", 64), ("pair_mim", 64)):
+        assert f"{stream}_loss" in train[0] and f"{stream}_acc" in val
+        assert abs(train[0][f"{stream}_loss"] - torch.log(torch.tensor(float(vocab)))) < 0.6
+    assert "pair_mlm_loss_shuffled" in val and val["loss"] > 0
+    assert (out / "text_tokenizer").is_dir()
+    # The engine's final/config.json is the bare Beit3Config (not the save_pretrained layout), so
+    # load the weights file and pass the architecture fields that weights cannot tell (num_heads).
+    config = Beit3Config.load(out / "final" / "config.json")
+    fields = {k: v for k, v in config.to_dict().items() if k != "final_norm"}
+    model = Beit3ForVisualQuestionAnswering.from_pretrained(out / "final" / "model.safetensors", init_head=True,
+                                                           num_labels=5, **fields)
+    pretrained = load_file(str(out / "final" / "model.safetensors"))
+    assert model.config.vocab_size == 66 and model.config.num_heads == config.num_heads
+    for key, value in model.beit3.state_dict().items():
+        assert torch.equal(value, pretrained["beit3." + key]), key
+
+
+def test_recipes_for_the_paper_sizes_load():
+    from beit3.training import load_config
+
+    for size in ("base", "large", "giant"):
+        cfg = load_config(CONFIGS / f"pretrain_{size}.yaml")
+        assert cfg.task.name == "mdm" and cfg.model.preset == size
+        assert cfg.data.batch_size == 2048 and cfg.optim.lr == 1e-3  # 2048 x (image, text, pair) = 6144
+        assert tuple(cfg.optim.betas) == (0.9, 0.98) and cfg.optim.eps == 1e-6
+        assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad == 3.0
+        assert cfg.model.drop_path_rate == 0.1
+        assert cfg.schedule.warmup_steps == 10000 and cfg.schedule.max_steps == 1_000_000
+
+
+def test_visual_tokenizer_command_trains_and_reports_usage(synthetic, tmp_path, capsys):
+    from beit3.cli import main
+
+    images = str(synthetic / "pretrain/images/*.tar")
+    assert main(["visual-tokenizer", "train", "--images", images, "--out", str(tmp_path / "vq"), "--preset", "tiny",
+                 "--codebook-size", "32", "--steps", "2", "--batch-size", "8", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["codebook_size"] == 32 and report["used_codes"] >= 1
+    assert json.loads((tmp_path / "vq" / "codebook_usage.json").read_text()) == report
+    assert main(["visual-tokenizer", "usage", "--tokenizer", str(tmp_path / "vq"), "--images", images,
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_patches"] == 48 * 16
