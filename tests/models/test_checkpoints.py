@@ -14,6 +14,7 @@ from beit3.models import (
     load_any_model,
 )
 from beit3.models.convert import read_state_dict, to_task_form
+from tests.models.reference import official_names
 
 TINY = Beit3Config.from_preset("tiny")
 
@@ -82,7 +83,7 @@ def test_final_norm_mismatch_is_not_silent(tmp_path):
 
 
 def test_official_pth_with_module_key_and_pickles_are_weights_only(tmp_path):
-    state = {f"beit3.{k}": v for k, v in _official_names(Beit3Model(TINY)).items()}
+    state = {f"beit3.{k}": v for k, v in official_names(Beit3Model(TINY)).items()}
     torch.save({"module": state}, tmp_path / "deepspeed.pth")
     model = Beit3Model.from_pretrained(tmp_path / "deepspeed.pth", num_heads=4)
     assert model.config.num_layers == 2
@@ -129,7 +130,7 @@ def test_save_is_atomic_and_keeps_the_previous_files_on_failure(tmp_path, monkey
 def test_timm_vision_only_weights(tmp_path):
     """timm's remap: blocks.N.attn.q_proj..., pos_embed, cls_token, no .A. and no text weights."""
     source = Beit3ForImageClassification(TINY.replace(final_norm=False), num_labels=6).eval()
-    official = _official_names(source.beit3)
+    official = official_names(source.beit3)
     timm_state = {}
     for key, value in official.items():
         if ".B." in key or key in ("text_embed.weight", "vision_embed.mask_token", "encoder.embed_positions.B.weight"):
@@ -155,7 +156,7 @@ def test_convert_command_detects_the_task(tmp_path, capsys):
     from beit3.cli import main
 
     model = Beit3ForCaptioning(TINY, mask_token_id=999)
-    state = {f"beit3.{k}": v for k, v in _official_names(model.beit3).items()}
+    state = {f"beit3.{k}": v for k, v in official_names(model.beit3).items()}
     state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head")})
     torch.save({"model": state}, tmp_path / "cap.pth")
     assert main(["convert", str(tmp_path / "cap.pth"), str(tmp_path / "out"), "--num-heads", "4",
@@ -163,41 +164,6 @@ def test_convert_command_detects_the_task(tmp_path, capsys):
     assert "Beit3ForCaptioning" in capsys.readouterr().out
     assert isinstance(load_any_model(tmp_path / "out"), Beit3ForCaptioning)
     assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x")]) == 1
-
-
-def _official_names(backbone: Beit3Model) -> dict[str, torch.Tensor]:
-    """Our backbone state dict written back with torchscale names (q/k/v split), for fixtures."""
-    out = {}
-    dim = backbone.config.hidden_size
-    side = {"vision": "A", "text": "B"}
-    for key, value in backbone.state_dict().items():
-        parts = key.split(".")
-        if key == "vision_pos_embed":
-            out["encoder.embed_positions.A.weight"] = value
-        elif key == "text_pos_embed":
-            out["encoder.embed_positions.B.weight"] = value
-        elif parts[0] == "norm":
-            out[f"encoder.layer_norm.{side[parts[1]]}.{parts[2]}"] = value
-        elif parts[0] == "layers":
-            i, rest = parts[1], parts[2:]
-            if rest[:2] == ["attn", "qkv"]:
-                for name, chunk in zip("qkv", value.split(dim)):
-                    out[f"encoder.layers.{i}.self_attn.{name}_proj.{side[rest[2]]}.{rest[3]}"] = chunk
-            elif rest[:2] == ["attn", "out_proj"]:
-                out[f"encoder.layers.{i}.self_attn.out_proj.{side[rest[2]]}.{rest[3]}"] = value
-            elif rest[:2] == ["attn", "inner_norm"]:
-                out[f"encoder.layers.{i}.self_attn.inner_attn_ln.{side[rest[2]]}.{rest[3]}"] = value
-            elif rest[0] == "norm1":
-                out[f"encoder.layers.{i}.self_attn_layer_norm.{side[rest[1]]}.{rest[2]}"] = value
-            elif rest[0] == "norm2":
-                out[f"encoder.layers.{i}.final_layer_norm.{side[rest[1]]}.{rest[2]}"] = value
-            elif rest[0] == "ffn":
-                sub = "ffn_layernorm" if rest[2] == "norm" else rest[2]
-                out[f"encoder.layers.{i}.ffn.{side[rest[1]]}.{sub}.{rest[3]}"] = value
-        else:
-            out[key] = value
-    assert to_task_form({f"beit3.{k}": v for k, v in out.items()})[1] == "official"
-    return out
 
 
 def test_read_state_dict_safetensors(tmp_path):

@@ -3,10 +3,11 @@ import torch
 
 from beit3.config import Beit3Config
 from beit3.models import Beit3Model
+from tests.models.reference import official_names
 from beit3.models.dense import (
+    Beit3ForInstanceSegmentation,
     Beit3ForSemanticSegmentation,
     Beit3VisionBackbone,
-    build_mask_rcnn,
     vision_features,
     window_merge,
     window_partition,
@@ -57,32 +58,36 @@ def test_features_equal_the_backbone_patch_tokens_without_cls():
     torch.testing.assert_close(features.flatten(2).transpose(1, 2), x)
 
 
-def test_mask_rcnn_trains_and_predicts():
-    model = build_mask_rcnn(TINY, num_classes=3, out_channels=32, min_size=64, max_size=64)
-    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+def test_mask_rcnn_trains_and_predicts(tmp_path):
+    model = Beit3ForInstanceSegmentation(TINY, num_labels=2, out_channels=32, min_size=64)
+    images = torch.rand(2, 3, 64, 64)
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 10:30, 12:40] = 1
     targets = [{"boxes": torch.tensor([[12.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1]), "masks": masks}] * 2
-    losses = model(images, targets)
-    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
-    sum(losses.values()).backward()
-    assert model.backbone.beit3.layers[0].ffn["vision"].fc1.weight.grad is not None
+    out = model(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} == set(out.losses)
+    out.loss.backward()
+    assert model.beit3.layers[0].ffn["vision"].fc1.weight.grad is not None
+    assert not any(".beit3." in key for key in model.state_dict())  # the backbone is registered once
     model.eval()
     with torch.no_grad():
-        out = model(images)
-    assert set(out[0]) == {"boxes", "labels", "scores", "masks"}
+        detections = model(images).detections
+    assert set(detections[0]) == {"boxes", "labels", "scores", "masks"}
+    model.save_pretrained(tmp_path / "det")
+    loaded = Beit3ForInstanceSegmentation.from_pretrained(tmp_path / "det")
+    assert loaded.num_labels == 2 and loaded.min_size == 64
+    with pytest.raises(ValueError, match="targets"):
+        model.train()(images)
 
 
 def test_official_vision_weights_load_into_the_detection_backbone(tmp_path):
-    """An official checkpoint file loads into the backbone with no missing vision keys."""
-    from tests.models.test_checkpoints import _official_names
-
-    source = Beit3Model(TINY.replace(num_heads=4))
-    torch.save({"model": {f"beit3.{k}": v for k, v in _official_names(source).items()}}, tmp_path / "o.pth")
-    loaded = Beit3Model.from_pretrained(tmp_path / "o.pth", num_heads=4, image_size=64)
-    model = build_mask_rcnn(loaded.config, num_classes=2, out_channels=32, backbone=loaded)
-    vision_keys = [k for k in source.state_dict() if ".text." not in k and not k.startswith("text_")]
-    mine = model.backbone.beit3.state_dict()
+    """An official checkpoint file loads into the detector's backbone with no missing vision keys."""
+    source = Beit3Model(TINY)
+    torch.save({"model": {f"beit3.{k}": v for k, v in official_names(source).items()}}, tmp_path / "o.pth")
+    model = Beit3ForInstanceSegmentation.from_pretrained(tmp_path / "o.pth", init_head=True, num_heads=4,
+                                                        image_size=64, num_labels=2, out_channels=32)
+    mine = model.beit3.state_dict()
+    vision_keys = [k for k in source.state_dict() if ".text." not in k and not k.startswith(("text_", "norm."))]
     for key in vision_keys:
         if key != "vision_pos_embed":  # resampled from 32 px to 64 px
             torch.testing.assert_close(mine[key], source.state_dict()[key], msg=key)

@@ -4,7 +4,12 @@ from beit3.models.base import Beit3PreTrainedModel, count_parameters, load_any_m
 from beit3.models.captioning import Beit3ForCaptioning
 from beit3.models.classification import Beit3ForImageClassification
 from beit3.models.convert import CheckpointError
-from beit3.models.dense import Beit3ForSemanticSegmentation, Beit3VisionBackbone, build_mask_rcnn
+from beit3.models.dense import (
+    Beit3ForInstanceSegmentation,
+    Beit3ForSemanticSegmentation,
+    Beit3VisionBackbone,
+    DetectionOutput,
+)
 from beit3.models.outputs import Beit3ModelOutput, CaptioningOutput, ClassifierOutput, RetrievalOutput
 from beit3.models.pretraining import Beit3ForPreTraining, PreTrainingOutput, StreamResult
 from beit3.models.retrieval import Beit3ForImageTextRetrieval
@@ -23,5 +28,5 @@ __all__ = [
     "Beit3Model", "Beit3PreTrainedModel", "Beit3ForImageClassification", "Beit3ForVisualQuestionAnswering",
     "Beit3ForVisualReasoning", "Beit3ForImageTextRetrieval", "Beit3ForCaptioning", "Beit3ModelOutput",
     "ClassifierOutput", "RetrievalOutput", "CaptioningOutput", "CheckpointError", "TASK_MODELS",
-    "load_any_model", "Beit3ForSemanticSegmentation", "Beit3VisionBackbone", "build_mask_rcnn", "count_parameters", "Beit3ForPreTraining", "PreTrainingOutput", "StreamResult",
+    "load_any_model", "Beit3ForSemanticSegmentation", "Beit3VisionBackbone", "Beit3ForInstanceSegmentation", "DetectionOutput", "count_parameters", "Beit3ForPreTraining", "PreTrainingOutput", "StreamResult",
 ]

@@ -8,6 +8,7 @@ large images most blocks can attend inside non-overlapping windows (ViTDet), the
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -127,30 +128,97 @@ class Beit3VisionBackbone(nn.Module):
         return maps
 
 
-def build_mask_rcnn(config: Beit3Config, num_classes: int, *, out_channels: int = 256, window_size: int = 0,
-                    min_size: int | None = None, max_size: int | None = None, backbone: Beit3Model | None = None):
-    """torchvision's Mask R-CNN on a BEiT-3 pyramid (``num_classes`` includes the background).
+@dataclass
+class DetectionOutput:
+    loss: torch.Tensor | None = None
+    """Sum of the RPN and RoI-head losses (training)."""
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each loss term (training)."""
+    detections: list[dict[str, torch.Tensor]] | None = None
+    """Per image: ``boxes`` (K, 4) xyxy in input pixels, ``labels``, ``scores``, ``masks`` (K, 1, H, W)
+    probabilities (evaluation)."""
 
-    Anchors scale with the pyramid: 8 x stride per level, three aspect ratios.
-    Images are normalised with mean = std = 0.5 (the BEiT-3 vision-language normalisation);
-    pass already-[0, 1] images as torchvision's detection models expect.
+
+class Beit3ForInstanceSegmentation(Beit3PreTrainedModel):
+    """Mask R-CNN (torchvision's RPN, RoI heads and transform) on the BEiT-3 simple feature pyramid.
+
+    ``num_labels`` counts object classes; label 0 is the background. The backbone is this model's
+    ``beit3`` (so pretrained and official weights load as for every other task). Anchors scale with
+    the pyramid (8 x stride per level, three aspect ratios). Images are given in [0, 1] and
+    normalised with mean = std = 0.5 inside, resized so that their sides lie in [min_size, max_size].
     """
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.ops import MultiScaleRoIAlign
 
-    body = Beit3VisionBackbone(backbone or Beit3Model(config), out_channels, window_size)
-    stride = config.patch_size
-    strides = [stride / 4, stride / 2, stride, stride * 2, stride * 4]
-    anchors = AnchorGenerator(sizes=tuple((int(8 * s),) for s in strides), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    names = ["0", "1", "2", "3"]
-    size = min_size or config.image_size
-    return MaskRCNN(
-        body, num_classes=num_classes, rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
-        mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-        min_size=size, max_size=max_size or size, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-    )
+    official_final_norm = False
+
+    def __init__(self, config: Beit3Config, num_labels: int = 80, out_channels: int = 256, window_size: int = 0,
+                 min_size: int | None = None, max_size: int | None = None, rois_per_image: int = 512):
+        super().__init__(config)
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+        from torchvision.ops import MultiScaleRoIAlign
+
+        self.num_labels, self.out_channels, self.window_size = num_labels, out_channels, window_size
+        self.rois_per_image = rois_per_image
+        self.min_size, self.max_size = min_size or config.image_size, max_size or min_size or config.image_size
+        self.beit3 = Beit3Model(config)
+        self.pyramid = SimpleFeaturePyramid(config.hidden_size, out_channels)
+        stride = config.patch_size
+        strides = (stride / 4, stride / 2, stride, stride * 2, stride * 4)
+        levels = ["0", "1", "2", "3"]
+        placeholder = nn.Identity()
+        placeholder.out_channels = out_channels
+        # Head widths follow the pyramid width (torchvision's defaults at 256 channels: a 1024-wide box
+        # MLP, four 256-channel mask convs), so small models get small heads.
+        representation = 4 * out_channels
+        # Build torchvision's detector once and keep its parts; the backbone is ours, registered once.
+        detector = MaskRCNN(
+            placeholder, num_classes=None, box_batch_size_per_image=rois_per_image,
+            box_head=TwoMLPHead(out_channels * 7 * 7, representation),
+            box_predictor=FastRCNNPredictor(representation, num_labels + 1),
+            mask_head=MaskRCNNHeads(out_channels, [out_channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(out_channels, out_channels, num_labels + 1),
+            rpn_anchor_generator=AnchorGenerator(tuple((int(8 * s),) for s in strides), ((0.5, 1.0, 2.0),) * 5),
+            box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+            mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+            min_size=self.min_size, max_size=self.max_size, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        )
+        self.transform, self.rpn, self.roi_heads = detector.transform, detector.rpn, detector.roi_heads
+
+    def feature_maps(self, pixel_values: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        levels = self.pyramid(vision_features(self.beit3, pixel_values, self.window_size))
+        maps = OrderedDict((str(i), level) for i, level in enumerate(levels))
+        maps["pool"] = F.max_pool2d(levels[-1], 1, stride=2)  # the extra level the RPN's 5 anchor sizes use
+        return maps
+
+    def forward(self, pixel_values: torch.Tensor | list[torch.Tensor],
+                targets: list[dict[str, torch.Tensor]] | None = None) -> DetectionOutput:
+        """pixel_values: (B, 3, H, W) or a list of (3, H_i, W_i) in [0, 1]; targets (training):
+        per image ``boxes`` (N, 4) xyxy, ``labels`` (N,) in 1..num_labels, ``masks`` (N, H, W)."""
+        images = list(pixel_values)
+        if self.training and targets is None:
+            raise ValueError("training needs targets (boxes, labels, masks per image)")
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, targets = self.transform(images, targets)
+        if batch.tensors.shape[-1] % self.config.patch_size or batch.tensors.shape[-2] % self.config.patch_size:
+            raise ValueError(f"padded batch {tuple(batch.tensors.shape[-2:])} is not a multiple of the patch size")
+        features = self.feature_maps(batch.tensors)
+        proposals, proposal_losses = self.rpn(batch, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            losses = {**proposal_losses, **head_losses}
+            return DetectionOutput(loss=sum(losses.values()), losses=losses)
+        return DetectionOutput(detections=self.transform.postprocess(detections, batch.image_sizes, original_sizes))
+
+    def head_args(self) -> dict:
+        return {"num_labels": self.num_labels, "out_channels": self.out_channels, "window_size": self.window_size,
+                "min_size": self.min_size, "max_size": self.max_size, "rois_per_image": self.rois_per_image}
+
+    @classmethod
+    def head_args_from_state_dict(cls, state: dict[str, torch.Tensor]) -> dict:
+        key = "roi_heads.box_predictor.cls_score.weight"
+        return {"num_labels": state[key].shape[0] - 1} if key in state else {}
 
 
 class Beit3ForSemanticSegmentation(Beit3PreTrainedModel):

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "max_objects": 100,
     "out_channels": 256,
     "window_size": 0,
+    "rois_per_image": 512,
 }
 
 
@@ -92,7 +93,8 @@ class DetectionTask:
     def build_model(self, cfg: RunConfig) -> nn.Module:
         o = self.options
         model = build_task_model(Beit3ForInstanceSegmentation, cfg, None, num_labels=int(o["num_classes"]),
-                                 out_channels=int(o["out_channels"]), window_size=int(o["window_size"]))
+                                 out_channels=int(o["out_channels"]), window_size=int(o["window_size"]),
+                                 rois_per_image=int(o["rois_per_image"]))
         self.patch_size = model.config.patch_size
         return model
 

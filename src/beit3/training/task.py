@@ -84,6 +84,7 @@ TASK_MODULES: list[str] = [
     "beit3.tasks.retrieval",
     "beit3.tasks.captioning",
     "beit3.tasks.segmentation",
+    "beit3.tasks.detection",
     "beit3.pretraining.task",
 ]
 """Modules imported on first lookup; each calls :func:`register_task` for the tasks it defines.
