@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from beit3.config import Beit3Config
 
 from beit3.data.synthetic import world
 from beit3.pretraining.commands import codebook_usage, train_visual_tokenizer
 from beit3.pretraining.data import collect_refs
+from beit3.pretraining.task import export_pretrained
 from beit3.pretraining.teachers import HOGTeacher
+from beit3.processing import Beit3Tokenizer
 from beit3.pretraining.vqkd import VQKDConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -56,16 +57,14 @@ def test_pretrain_runs_on_the_engine_and_its_weights_fine_tune(synthetic, tmp_pa
         assert abs(train[0][f"{stream}_loss"] - torch.log(torch.tensor(float(vocab)))) < 0.6
     assert "pair_mlm_loss_shuffled" in val and val["loss"] > 0
     assert (out / "text_tokenizer").is_dir()
-    # The engine's final/config.json is the bare Beit3Config (not the save_pretrained layout), so
-    # load the weights file and pass the architecture fields that weights cannot tell (num_heads).
-    config = Beit3Config.load(out / "final" / "config.json")
-    fields = {k: v for k, v in config.to_dict().items() if k != "final_norm"}
-    model = Beit3ForVisualQuestionAnswering.from_pretrained(out / "final" / "model.safetensors", init_head=True,
-                                                           num_labels=5, **fields)
+    # export_pretrained turns the run into a from_pretrained folder with the text tokenizer
+    exported = export_pretrained(out, tmp_path / "exported")
+    model = Beit3ForVisualQuestionAnswering.from_pretrained(exported, init_head=True, num_labels=5)
     pretrained = load_file(str(out / "final" / "model.safetensors"))
-    assert model.config.vocab_size == 66 and model.config.num_heads == config.num_heads
+    assert model.config.vocab_size == 66 and model.config.num_heads == 4
     for key, value in model.beit3.state_dict().items():
         assert torch.equal(value, pretrained["beit3." + key]), key
+    assert Beit3Tokenizer.from_pretrained(exported).vocab_size == 66
 
 
 def test_recipes_for_the_paper_sizes_load():

@@ -7,7 +7,8 @@ Relative paths are taken under ``data.root``.
 * ``visual_tokenizer``: a VQ-KD directory (``beit3 visual-tokenizer train``) or a released BEiT v2
   tokenizer ``.pth``; its patch grid must equal the model's.
 * ``tokenizer``: a text tokenizer directory or ``.spm`` file. Without one a unigram tokenizer of
-  ``text_vocab_size`` pieces is trained on the text corpus and saved in ``<output_dir>/text_tokenizer``.
+  ``text_vocab_size`` pieces is trained on the text corpus. Either way it is saved in
+  ``<output_dir>/text_tokenizer``; :func:`export_pretrained` puts it next to the weights.
 * ``images`` / ``pairs``: tar shards (globs, relative to ``data.root``); ``texts``: text files.
   Defaults: the synthetic world's ``pretrain/images/*.tar``, ``pretrain/pairs/*.tar``,
   ``pretrain/texts.txt``.
@@ -25,6 +26,7 @@ how much the text predictions use the image.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -81,15 +83,16 @@ class MaskedDataModelingTask:
         given = self.options.get("tokenizer")
         if given:
             path = Path(self._path(given))
-            return Beit3Tokenizer.from_pretrained(path) if path.is_dir() else Beit3Tokenizer(path)
-        texts = sorted(Path(p) for p in _glob(self._path(self.options.get("texts", "pretrain/texts.txt"))))
-        if not texts:
-            raise FileNotFoundError("no text files for the tokenizer; set task.options.tokenizer or texts")
-        tokenizer = train_tokenizer(texts, int(self.options.get("text_vocab_size", 256)), progress=False, num_threads=1)
-        out = Path(cfg.train.output_dir) / "text_tokenizer"
+            tokenizer = Beit3Tokenizer.from_pretrained(path) if path.is_dir() else Beit3Tokenizer(path)
+        else:
+            texts = sorted(Path(p) for p in _glob(self._path(self.options.get("texts", "pretrain/texts.txt"))))
+            if not texts:
+                raise FileNotFoundError("no text files for the tokenizer; set task.options.tokenizer or texts")
+            tokenizer = train_tokenizer(texts, int(self.options.get("text_vocab_size", 256)), progress=False,
+                                        num_threads=1)
         if int(os.environ.get("RANK", "0")) == 0:  # the task is built before the process group
-            tokenizer.save_pretrained(out)
-            logger.info("trained a %d-id text tokenizer, saved in %s", tokenizer.vocab_size, out)
+            # Kept with the run, so export_pretrained() ships it next to the weights.
+            tokenizer.save_pretrained(Path(cfg.train.output_dir) / "text_tokenizer")
         return tokenizer
 
     def build_model(self, cfg: Any) -> nn.Module:
@@ -204,6 +207,39 @@ class MaskedDataModelingTask:
         images = batch["image_pixel_values"].shape[0] + batch["pair_pixel_values"].shape[0]
         text = int(batch["text_attention_mask"].sum()) + int(batch["pair_attention_mask"].sum())
         return images * per_image + text
+
+
+def export_pretrained(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | Path | None = None) -> Path:
+    """Turn a pretraining run into a ``from_pretrained`` folder for fine-tuning.
+
+    Writes the weights with ``Beit3ForPreTraining.save_pretrained`` and copies the run's text
+    tokenizer next to them, so a fine-tuning recipe only needs ``model.pretrained=<out_dir>`` (the
+    tasks read the tokenizer from there). Reads both layouts of the engine's ``final/config.json``:
+    ``save_pretrained``'s and a bare ``Beit3Config`` (what engines before ``config_json`` wrote).
+    checkpoint: another folder of the run (e.g. ``checkpoints/step_00001000``) instead of ``final``.
+    """
+    from safetensors.torch import load_file
+
+    from beit3.config import Beit3Config
+    from beit3.models import Beit3ForPreTraining
+
+    run_dir = Path(run_dir)
+    source = Path(checkpoint) if checkpoint is not None else run_dir / "final"
+    meta = json.loads((source / "config.json").read_text())
+    if "config" in meta:
+        model = Beit3ForPreTraining.from_pretrained(source)
+    else:
+        state = load_file(str(source / "model.safetensors"))
+        model = Beit3ForPreTraining(Beit3Config.from_dict(meta),
+                                    visual_vocab_size=int(state["mim_head.weight"].shape[0]))
+        model.load_checked_state_dict(state, source=str(source))
+    out = model.save_pretrained(out_dir)
+    tokenizer_dir = run_dir / "text_tokenizer"
+    if tokenizer_dir.is_dir():
+        from beit3.processing import Beit3Tokenizer
+
+        Beit3Tokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
 
 
 def _glob(pattern: str) -> list[str]:
