@@ -142,15 +142,20 @@ class Beit3PreTrainedModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config_json()))
+        return directory
+
+    def config_json(self) -> str:
+        """The ``config.json`` of our directory format: architecture, backbone config, head arguments.
+        (The training engine writes it next to its checkpoints, so they load with from_pretrained.)"""
         meta = {
             "format_version": FORMAT_VERSION,
             "architecture": type(self).__name__,
             "config": self.config.to_dict(),
             "head": self.head_args(),
         }
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-        return directory
+        return json.dumps(meta, indent=2) + "\n"
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, init_head: bool = False, **overrides: Any):

@@ -250,6 +250,9 @@ class Trainer:
 
     def _model_config_json(self) -> str | None:
         """The model's own config, so a checkpoint folder is also a ``from_pretrained`` folder."""
+        own_format = getattr(self.raw_model, "config_json", None)  # beit3 models: architecture + head too
+        if callable(own_format):
+            return own_format()
         config = getattr(self.raw_model, "config", None)
         to_json = getattr(config, "to_json_string", None)
         return to_json() if callable(to_json) else None
