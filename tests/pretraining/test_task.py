@@ -92,3 +92,28 @@ def test_visual_tokenizer_command_trains_and_reports_usage(synthetic, tmp_path, 
     assert main(["visual-tokenizer", "usage", "--tokenizer", str(tmp_path / "vq"), "--images", images,
                  "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["num_patches"] == 48 * 16
+
+
+def test_itc_tuning_starts_from_an_mdm_export_and_feeds_retrieval(synthetic, tmp_path):
+    from beit3.cli import main
+    from beit3.config import Beit3Config
+    from beit3.models import Beit3ForImageTextRetrieval, Beit3ForPreTraining
+    from beit3.processing import train_tokenizer
+
+    tokenizer = train_tokenizer([synthetic / "pretrain/texts.txt"], 64, progress=False, num_threads=1)
+    source = tmp_path / "mdm"
+    Beit3ForPreTraining(Beit3Config.from_preset("tiny", vocab_size=tokenizer.vocab_size), visual_vocab_size=64
+                        ).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "itc"
+    status = main(["pretrain", "--task", "itc", "--recipe", str(CONFIGS / "pretrain_tiny.yaml"), "--output-dir", str(out),
+                   f"data.root={synthetic}", "task.options={val_size: 8, text_length: 24}",
+                   f"model.pretrained={source}", "data.batch_size=8", "schedule.max_steps=2",
+                   "schedule.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=null"])
+    assert status == 0
+    val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    assert {"tr_r1", "ir_r1", "average_score"} <= set(val)
+    tuned = load_file(str(out / "final" / "model.safetensors"))
+    mdm = load_file(str(source / "model.safetensors"))
+    assert set(tuned) == set(Beit3ForImageTextRetrieval(Beit3Config.from_preset("tiny")).state_dict())
+    assert not torch.equal(tuned["beit3.text_embed.weight"], mdm["beit3.text_embed.weight"])

@@ -255,7 +255,11 @@ def make_task(cfg: Any) -> MaskedDataModelingTask:
 def _register() -> None:
     from beit3.training.task import register_task
 
+    from beit3.pretraining import itc
+
     register_task("mdm", "pretrain", make_task, "BEiT-3 masked data modeling on images, texts and pairs")
+    register_task("itc", "pretrain", itc.make_task,
+                  "image-text contrastive intermediate tuning of the dual encoder (the release's -itc models)")
 
 
 _register()
