@@ -1,5 +1,6 @@
 """`beit3 pretrain` on the synthetic world: a few engine steps end to end (seconds on CPU)."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,8 @@ def test_pretrain_runs_on_the_engine_and_its_weights_fine_tune(synthetic, tmp_pa
         assert f"{stream}_loss" in train[0] and f"{stream}_acc" in val
         assert abs(train[0][f"{stream}_loss"] - torch.log(torch.tensor(float(vocab)))) < 0.6
     assert "pair_mlm_loss_shuffled" in val and val["loss"] > 0
+    for stream, vocab in (("text_mlm", 66), ("image_mim", 64)):
+        assert 0 < val[f"{stream}_unigram_entropy"] <= math.log(vocab)
     assert (out / "text_tokenizer").is_dir()
     # export_pretrained turns the run into a from_pretrained folder with the text tokenizer
     exported = export_pretrained(out, tmp_path / "exported")

@@ -19,9 +19,11 @@ Relative paths are taken under ``data.root``.
 * ``loss_weights``: per stream, default 1 each (``text_mlm``, ``pair_mlm``, ``image_mim``, ``pair_mim``).
 * ``visual_vocab_size`` is read off the tokenizer.
 
-Validation reports each stream's loss and accuracy, and ``pair_mlm_loss_shuffled``: the pair-MLM
-loss when every caption is shown another sample's image. The gap to ``pair_mlm_loss`` measures
-how much the text predictions use the image.
+Validation reports each stream's loss and accuracy, its targets' unigram entropy
+(``<stream>_unigram_entropy``: the loss of a model that only knows the targets' frequencies; a
+loss below it means the context is used), and ``pair_mlm_loss_shuffled``: the pair-MLM loss when
+every caption is shown another sample's image. The gap to ``pair_mlm_loss`` measures how much
+the text predictions use the image.
 """
 from __future__ import annotations
 
@@ -171,6 +173,11 @@ class MaskedDataModelingTask:
 
         keys = [*STREAMS, "pair_mlm_shuffled"]
         totals = torch.zeros(len(keys), 3, dtype=torch.float64)  # per key: loss x targets, correct, targets
+        text_vocab, visual_vocab = self.tokenizer.vocab_size, self.visual_tokenizer.config.codebook_size
+        histograms = {"text_mlm": torch.zeros(text_vocab, dtype=torch.float64),
+                      "pair_mlm": torch.zeros(text_vocab, dtype=torch.float64),
+                      "image_mim": torch.zeros(visual_vocab, dtype=torch.float64),
+                      "pair_mim": torch.zeros(visual_vocab, dtype=torch.float64)}
         for batch in batches:
             keep = ~batch["is_padding"].bool()
             if not bool(keep.any()):
@@ -183,6 +190,8 @@ class MaskedDataModelingTask:
                     pair_pixel_values=batch["pair_pixel_values"].roll(1, dims=0),
                     pair_input_ids=inputs["pair_input_ids"], pair_attention_mask=inputs["pair_attention_mask"],
                     pair_labels=inputs["pair_labels"]).pair_mlm
+            for key, targets in self._targets(inputs).items():
+                histograms[key] += torch.bincount(targets.cpu(), minlength=histograms[key].numel()).double()
             for row, key in enumerate(keys):
                 result = streams.get(key)
                 if result is not None:
@@ -192,6 +201,12 @@ class MaskedDataModelingTask:
         device = next(self.visual_tokenizer.parameters()).device
         totals = all_reduce_sum(totals.to(device)).cpu()
         metrics: dict[str, float] = {}
+        for key, counts in histograms.items():
+            # Entropy of the targets' own frequencies: the loss of a model that ignores the context.
+            counts = all_reduce_sum(counts.to(device)).cpu()
+            if counts.sum() > 0:
+                p = counts[counts > 0] / counts.sum()
+                metrics[f"{key}_unigram_entropy"] = float(-(p * p.log()).sum())
         for key, (loss_sum, correct, n) in zip(keys, totals.tolist()):
             if n > 0:
                 metrics[f"{key}_loss"] = loss_sum / n
@@ -201,6 +216,16 @@ class MaskedDataModelingTask:
             metrics.pop("pair_mlm_shuffled_acc")
         metrics["loss"] = sum(self.loss_weights[k] * metrics[f"{k}_loss"] for k in STREAMS if f"{k}_loss" in metrics)
         return metrics
+
+    @staticmethod
+    def _targets(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ids each stream must predict, flattened."""
+        out = {"text_mlm": inputs["text_labels"][inputs["text_labels"] != -100],
+               "pair_mlm": inputs["pair_labels"][inputs["pair_labels"] != -100],
+               "image_mim": inputs["image_labels"][inputs["image_mask"]]}
+        if "pair_image_mask" in inputs:
+            out["pair_mim"] = inputs["pair_image_labels"][inputs["pair_image_mask"]]
+        return out
 
     def num_tokens(self, batch: dict[str, Any]) -> int:
         per_image = self.visual_tokenizer.config.grid_size ** 2 + 1  # patches + CLS (grids are equal)
