@@ -42,3 +42,15 @@ def test_finetune_two_steps_from_a_pretrained_folder(task, world, pretrained_dir
     val = [row for row in val if row.get("split") == "val"]
     assert val and METRIC[task] in val[-1]
     assert (out / "final" / "model.safetensors").is_file()
+
+    # `beit3 evaluate` on the final weights gives the metric the last validation logged
+    status = main(["evaluate", "--task", task, "--checkpoint", str(out / "final"), "--index",
+                   f"small.{VAL_INDEX[task]}", "--batch-size", "4"])
+    assert status == 0
+    result = json.loads((out / "final" / "eval_{}_index.json".format(task)).read_text())
+    assert result["metrics"][METRIC[task]] == pytest.approx(val[-1][METRIC[task]], abs=1e-4)
+    if task == "vqav2":
+        assert main(["evaluate", "--task", task, "--checkpoint", str(out / "final"), "--split", "test-dev"]) == 0
+        submission = json.loads((out / "final" / "submit_vqav2_test-dev.json").read_text())
+        test_dev = (world / "index" / "vqa.test-dev.jsonl").read_text().splitlines()
+        assert len(submission) == len(test_dev) and set(submission[0]) == {"question_id", "answer"}

@@ -79,13 +79,24 @@ class CaptioningTask:
             self._tokenizer = load_tokenizer(self.options, self.cfg)
         return self._tokenizer
 
-    def build_model(self, cfg: RunConfig) -> nn.Module:
+    model_class = Beit3ForCaptioning
+
+    def head_args(self) -> dict[str, Any]:
         tok = self.tokenizer
-        model = build_task_model(Beit3ForCaptioning, cfg, tok, bos_token_id=tok.bos_token_id,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                 mask_token_id=tok.mask_token_id, label_smoothing=float(self.options["label_smoothing"]))
+        return {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                "mask_token_id": tok.mask_token_id, "label_smoothing": float(self.options["label_smoothing"])}
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        model = build_task_model(self.model_class, cfg, self.tokenizer, **self.head_args())
         self.patch_size = model.config.patch_size
         return model
+
+    default_split = "val"
+
+    def split_index(self, split: str) -> str:
+        """``val`` or ``test``: the Karpathy split for COCO, ``nocaps.<split>.jsonl`` for NoCaps."""
+        prefix = "coco_captioning" if self.options["dataset"] == "coco" else "nocaps"
+        return f"{prefix}.{split}.jsonl"
 
     def val_index(self) -> list:
         return index_files(self.cfg.data.root, self.options["val_index"] or VAL_INDEX[self.options["dataset"]])

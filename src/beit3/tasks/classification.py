@@ -73,11 +73,20 @@ class ImageClassificationTask:
         self.patch_size = 16
         self.rng = np.random.default_rng(cfg.train.seed)
 
+    model_class = Beit3ForImageClassification
+
+    def head_args(self) -> dict[str, Any]:
+        return {"num_labels": self.num_classes, "label_smoothing": float(self.options["label_smoothing"])}
+
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(Beit3ForImageClassification, cfg, None, num_labels=self.num_classes,
-                                 label_smoothing=float(self.options["label_smoothing"]))
+        model = build_task_model(self.model_class, cfg, None, **self.head_args())
         self.patch_size = model.config.patch_size
         return model
+
+    default_split = "val"
+
+    def split_index(self, split: str) -> str:
+        return f"imagenet.{split}.index.jsonl"
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
         o = self.options

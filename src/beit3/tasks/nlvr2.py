@@ -42,10 +42,21 @@ class NLVR2Task:
         self.options = parse_options("nlvr2", cfg.task.options, DEFAULTS)
         self.patch_size = 16
 
+    model_class = Beit3ForVisualReasoning
+
+    def head_args(self) -> dict[str, Any]:
+        return {}
+
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(Beit3ForVisualReasoning, cfg, None)
+        model = build_task_model(self.model_class, cfg, None)
         self.patch_size = model.config.patch_size
         return model
+
+    default_split = "dev"
+
+    def split_index(self, split: str) -> str:
+        """``dev`` or ``test-P``."""
+        return f"nlvr2.{split}.index.jsonl"
 
     def dataset(self, cfg: RunConfig, names, train: bool) -> Dataset:
         tokenizer = load_tokenizer(self.options, cfg)

@@ -105,10 +105,21 @@ class RetrievalTask:
             raise ValueError(f"task.options.dataset must be one of {sorted(INDEX_PREFIX)}, got {self.options['dataset']!r}")
         self.patch_size = 16
 
+    model_class = Beit3ForImageTextRetrieval
+
+    def head_args(self) -> dict[str, Any]:
+        return {}
+
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(Beit3ForImageTextRetrieval, cfg, None)
+        model = build_task_model(self.model_class, cfg, None)
         self.patch_size = model.config.patch_size
         return model
+
+    default_split = "val"
+
+    def split_index(self, split: str) -> str:
+        """``val`` or ``test`` (Karpathy splits)."""
+        return f"{INDEX_PREFIX[self.options['dataset']]}.{split}.jsonl"
 
     def dataset(self, cfg: RunConfig, names, train: bool) -> Dataset:
         tokenizer = load_tokenizer(self.options, cfg)

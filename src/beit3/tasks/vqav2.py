@@ -77,10 +77,21 @@ class VQATask:
             raise ValueError(f"task.options.num_classes={given} but {self.options['answer2label']} has {found} answers")
         return found
 
+    model_class = Beit3ForVisualQuestionAnswering
+
+    def head_args(self) -> dict[str, Any]:
+        return {"num_labels": self.num_classes}
+
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(Beit3ForVisualQuestionAnswering, cfg, None, num_labels=self.num_classes)
+        model = build_task_model(self.model_class, cfg, None, **self.head_args())
         self.patch_size = model.config.patch_size
         return model
+
+    default_split = "rest_val"
+
+    def split_index(self, split: str) -> str:
+        """``rest_val`` (local validation), ``val``, ``test-dev``, ``test``."""
+        return f"vqa.{split}.jsonl"
 
     def dataset(self, cfg: RunConfig, names, train: bool) -> Dataset:
         tokenizer = load_tokenizer(self.options, cfg)
