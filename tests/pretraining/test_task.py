@@ -79,7 +79,7 @@ def test_recipes_for_the_paper_sizes_load():
         assert cfg.data.batch_size == 2048 and cfg.optim.lr == 1e-3  # 2048 x (image, text, pair) = 6144
         assert tuple(cfg.optim.betas) == (0.9, 0.98) and cfg.optim.eps == 1e-6
         assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad == 3.0
-        assert cfg.model.drop_path_rate == 0.1
+        assert cfg.model.drop_path_rate == 0.1 and cfg.task.options["vocab_size"] == 64010
         assert cfg.schedule.warmup_steps == 10000 and cfg.schedule.max_steps == 1_000_000
 
 

@@ -9,6 +9,8 @@ Relative paths are taken under ``data.root``.
 * ``tokenizer``: a text tokenizer directory or ``.spm`` file. Without one a unigram tokenizer of
   ``text_vocab_size`` pieces is trained on the text corpus. Either way it is saved in
   ``<output_dir>/text_tokenizer``; :func:`export_pretrained` puts it next to the weights.
+* ``vocab_size``: rows of the text embedding and MLM head of a model built from scratch (default:
+  the tokenizer's size; the release pads the official 64002 ids to 64010).
 * ``images`` / ``pairs``: tar shards (globs, relative to ``data.root``); ``texts``: text files.
   Defaults: the synthetic world's ``pretrain/images/*.tar``, ``pretrain/pairs/*.tar``,
   ``pretrain/texts.txt``.
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
 _MASKING_KEYS = {f.name for f in dataclasses.fields(MaskingOptions)}
-_KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "images", "pairs", "texts",
+_KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "vocab_size", "images", "pairs", "texts",
                           "val_size", "crop_scale", "color_jitter", "loss_weights"}
 
 
@@ -106,10 +108,12 @@ class MaskedDataModelingTask:
         else:
             from beit3.config import Beit3Config
 
-            config = Beit3Config.from_preset(cfg.model.preset, vocab_size=self.tokenizer.vocab_size, **overrides)
+            vocab = int(self.options.get("vocab_size") or self.tokenizer.vocab_size)
+            config = Beit3Config.from_preset(cfg.model.preset, vocab_size=vocab, **overrides)
             model = Beit3ForPreTraining(config, visual_vocab_size=self.visual_tokenizer.config.codebook_size)
-        if model.config.vocab_size != self.tokenizer.vocab_size:
-            raise ValueError(f"the model has {model.config.vocab_size} text ids, the tokenizer {self.tokenizer.vocab_size}")
+        if model.config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"the model has {model.config.vocab_size} text ids, fewer than the tokenizer's "
+                             f"{self.tokenizer.vocab_size}")
         grid = self.visual_tokenizer.config.grid_size
         if model.config.grid_size != grid:
             raise ValueError(f"the visual tokenizer gives a {grid}x{grid} code grid but the model has "
