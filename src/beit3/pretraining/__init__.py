@@ -4,5 +4,6 @@
 targets and the training task the engine runs (``beit3 pretrain``).
 """
 from beit3.pretraining.masking import Block, BlockMaskingGenerator, mask_text_tokens
+from beit3.pretraining.vqkd import VQKD, VQKDConfig, load_beitv2_tokenizer
 
-__all__ = ["Block", "BlockMaskingGenerator", "mask_text_tokens"]
+__all__ = ["Block", "BlockMaskingGenerator", "VQKD", "VQKDConfig", "load_beitv2_tokenizer", "mask_text_tokens"]
