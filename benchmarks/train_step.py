@@ -97,12 +97,16 @@ def main() -> None:
     parser.add_argument("--text-len", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="print the top operators of one step of each")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each of our blocks")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     reference = reference_model().train()
     ours = ours_from(reference, Path("/tmp/beit3_bench_reference.pth")).train()
     assert ours.config == Beit3Config.from_preset("base")
+    if args.compile:
+        for block in ours.layers:
+            block.compile()
     results = []
     for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
         ours_step, reference_step = make_steps(ours, reference, args.batch_size, args.text_len, dtype)
@@ -132,7 +136,7 @@ def main() -> None:
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, commit=commit, batch=args.batch_size, text_len=args.text_len, steps=args.steps)
+                torch=torch.__version__, commit=commit, compiled=args.compile, batch=args.batch_size, text_len=args.text_len, steps=args.steps)
     print(json.dumps(meta))
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
