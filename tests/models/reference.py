@@ -40,7 +40,7 @@ def official_checkpoint(tmp_path, backbone, heads: dict | None = None, key: str 
     return path
 
 
-def official_names(backbone: Beit3Model) -> dict[str, torch.Tensor]:
+def official_names(backbone) -> dict[str, torch.Tensor]:
     """Our backbone state dict written back with torchscale names (q/k/v split), for fixtures."""
     out = {}
     dim = backbone.config.hidden_size

@@ -7,7 +7,6 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from beit3.training import checkpoint as ckpt

@@ -30,7 +30,6 @@ the text predictions use the image.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -243,25 +242,14 @@ def export_pretrained(run_dir: str | Path, out_dir: str | Path, *, checkpoint: s
 
     Writes the weights with ``Beit3ForPreTraining.save_pretrained`` and copies the run's text
     tokenizer next to them, so a fine-tuning recipe only needs ``model.pretrained=<out_dir>`` (the
-    tasks read the tokenizer from there). Reads both layouts of the engine's ``final/config.json``:
-    ``save_pretrained``'s and a bare ``Beit3Config`` (what engines before ``config_json`` wrote).
+    tasks read the tokenizer from there).
     checkpoint: another folder of the run (e.g. ``checkpoints/step_00001000``) instead of ``final``.
     """
-    from safetensors.torch import load_file
-
-    from beit3.config import Beit3Config
     from beit3.models import Beit3ForPreTraining
 
     run_dir = Path(run_dir)
     source = Path(checkpoint) if checkpoint is not None else run_dir / "final"
-    meta = json.loads((source / "config.json").read_text())
-    if "config" in meta:
-        model = Beit3ForPreTraining.from_pretrained(source)
-    else:
-        state = load_file(str(source / "model.safetensors"))
-        model = Beit3ForPreTraining(Beit3Config.from_dict(meta),
-                                    visual_vocab_size=int(state["mim_head.weight"].shape[0]))
-        model.load_checked_state_dict(state, source=str(source))
+    model = Beit3ForPreTraining.from_pretrained(source)
     out = model.save_pretrained(out_dir)
     tokenizer_dir = run_dir / "text_tokenizer"
     if tokenizer_dir.is_dir():

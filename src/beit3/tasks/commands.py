@@ -57,22 +57,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def load_checkpoint(task: Any, folder: Path):
-    """The task's model with the checkpoint's weights.
-
-    Folders written by ``save_pretrained`` load with ``from_pretrained``. The training engine's
-    checkpoints hold a bare ``Beit3Config`` in ``config.json``, which ``from_pretrained`` does not
-    read, so those are built from the config and the task's head arguments and loaded strictly.
-    """
-    from safetensors.torch import load_file
-
-    from beit3.config import Beit3Config
-
-    saved = json.loads((folder / "config.json").read_text())
-    if "config" in saved:
-        return task.model_class.from_pretrained(folder)
-    model = task.model_class(Beit3Config.from_dict(saved), **task.head_args())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model
+    """The task's model with the checkpoint's weights (a save_pretrained folder or an engine checkpoint)."""
+    return task.model_class.from_pretrained(folder)
 
 
 def format_table(title: str, metrics: dict[str, float]) -> str:
