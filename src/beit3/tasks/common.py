@@ -140,3 +140,57 @@ def count_tokens(batch: Mapping[str, Any], patch_size: int) -> int:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (for methods other than ``forward``, e.g. ``generate``)."""
     return getattr(model, "module", model)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The image + text inputs every vision-language task model takes."""
+    return {"pixel_values": batch["pixel_values"], "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"]}
+
+
+class VisionLanguageTask:
+    """What the index-based image + text tasks (VQAv2, NLVR2, retrieval) share: options parsed
+    against ``defaults``, the model from ``model_class`` and ``head_args()``, train / validation
+    datasets read from index files through the task's processor, and token counting.
+
+    A subclass names itself (``name``: the task, its image pipeline and its collate mode), its
+    model and raw dataset classes, and its default index files (``train_index()`` and
+    ``val_index()``); it adds the loss and the metric.
+    """
+
+    name: str
+    defaults: Mapping[str, Any]
+    model_class: type
+    raw_dataset: Callable[[list[Path]], Dataset]
+    higher_is_better = True
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.options = parse_options(self.name, cfg.task.options, self.defaults)
+        self.patch_size = 16  # the model's, once build_model has run
+
+    def head_args(self) -> dict[str, Any]:
+        return {}
+
+    def collate_args(self) -> dict[str, Any]:
+        return {}
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        model = build_task_model(self.model_class, cfg, None, **self.head_args())
+        self.patch_size = model.config.patch_size
+        return model
+
+    def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
+        tokenizer = load_tokenizer(self.options, cfg)
+        images = image_processor(self.name, cfg, train, randaug=bool(self.options["randaug"]))
+        collate = make_collator(tokenizer, images, int(self.options["max_text_len"]), task=self.name,
+                                **self.collate_args())
+        return ProcessedDataset(self.raw_dataset(index_files(cfg.data.root, names)), collate)
+
+    def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
+        o = self.options
+        return (self.dataset(cfg, o["train_index"] or self.train_index(), True),
+                self.dataset(cfg, o["val_index"] or self.val_index(), False))
+
+    def num_tokens(self, batch: dict[str, Any]) -> int:
+        return count_tokens(batch, self.patch_size)

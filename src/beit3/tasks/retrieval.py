@@ -20,20 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from beit3.data import ImageTextDataset
 from beit3.models import Beit3ForImageTextRetrieval
-from beit3.tasks.common import (
-    ProcessedDataset,
-    build_task_model,
-    count_tokens,
-    image_processor,
-    index_files,
-    load_tokenizer,
-    make_collator,
-    parse_options,
-)
+from beit3.tasks.common import VisionLanguageTask, model_inputs
 from beit3.tasks.metrics import retrieval_recall
 from beit3.training.config import RunConfig
 from beit3.training.distributed import all_gather_objects
@@ -95,25 +85,23 @@ def scale_from_logits(logits: torch.Tensor, image_embeds: torch.Tensor, text_emb
     return scale + ((logits.float() - scale * cosines) * fixed).sum() / denom
 
 
-class RetrievalTask:
+class RetrievalTask(VisionLanguageTask):
+    name = "retrieval"
+    defaults = DEFAULTS
+    model_class = Beit3ForImageTextRetrieval
+    raw_dataset = ImageTextDataset
     metric_name = "average_score"
-    higher_is_better = True
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.options = parse_options("retrieval", cfg.task.options, DEFAULTS)
+        super().__init__(cfg)
         if self.options["dataset"] not in INDEX_PREFIX:
             raise ValueError(f"task.options.dataset must be one of {sorted(INDEX_PREFIX)}, got {self.options['dataset']!r}")
-        self.patch_size = 16
 
-    model_class = Beit3ForImageTextRetrieval
+    def train_index(self) -> str:
+        return f"{INDEX_PREFIX[self.options['dataset']]}.train.jsonl"
 
-    def head_args(self) -> dict[str, Any]:
-        return {}
-
-    def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(self.model_class, cfg, None)
-        self.patch_size = model.config.patch_size
-        return model
+    def val_index(self) -> str:
+        return f"{INDEX_PREFIX[self.options['dataset']]}.val.jsonl"
 
     default_split = "val"
 
@@ -121,20 +109,8 @@ class RetrievalTask:
         """``val`` or ``test`` (Karpathy splits)."""
         return f"{INDEX_PREFIX[self.options['dataset']]}.{split}.jsonl"
 
-    def dataset(self, cfg: RunConfig, names, train: bool) -> Dataset:
-        tokenizer = load_tokenizer(self.options, cfg)
-        images = image_processor("retrieval", cfg, train, randaug=bool(self.options["randaug"]))
-        collate = make_collator(tokenizer, images, int(self.options["max_text_len"]), task="retrieval")
-        return ProcessedDataset(ImageTextDataset(index_files(cfg.data.root, names)), collate)
-
-    def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        o, prefix = self.options, INDEX_PREFIX[self.options["dataset"]]
-        return (self.dataset(cfg, o["train_index"] or f"{prefix}.train.jsonl", True),
-                self.dataset(cfg, o["val_index"] or f"{prefix}.val.jsonl", False))
-
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"], return_loss=False)
+        out = model(**model_inputs(batch), return_loss=False)
         scale = scale_from_logits(out.logits_per_image, out.image_embeds, out.text_embeds)
         loss = distributed_contrastive_loss(out.image_embeds, out.text_embeds, scale)
         return loss, {"logit_scale": float(scale.detach())}
@@ -144,8 +120,7 @@ class RetrievalTask:
         parts: dict[str, list[torch.Tensor]] = {"image_embeds": [], "text_embeds": [], "image_id": [], "index": []}
         for batch in batches:
             keep = ~batch["is_padding"]
-            out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"], return_loss=False)
+            out = model(**model_inputs(batch), return_loss=False)
             parts["image_embeds"].append(out.image_embeds[keep].float().cpu())
             parts["text_embeds"].append(out.text_embeds[keep].float().cpu())
             parts["image_id"].append(batch["image_id"][keep].cpu())
@@ -161,9 +136,6 @@ class RetrievalTask:
         out = retrieval_recall(split["image_embeds"], split["image_id"], split["text_embeds"], split["image_id"])
         out["texts"] = float(len(split["index"]))
         return out
-
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        return count_tokens(batch, self.patch_size)
 
 
 register_task("retrieval", "finetune", RetrievalTask, "image-text retrieval (COCO, Flickr30k): contrastive, R@1/5/10")

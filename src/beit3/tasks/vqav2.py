@@ -15,21 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from beit3.data import VQADataset
 from beit3.data.builders import read_answer2label
 from beit3.models import Beit3ForVisualQuestionAnswering
-from beit3.tasks.common import (
-    ProcessedDataset,
-    build_task_model,
-    count_tokens,
-    image_processor,
-    index_files,
-    load_tokenizer,
-    make_collator,
-    parse_options,
-)
+from beit3.tasks.common import VisionLanguageTask, index_files, model_inputs
 from beit3.tasks.metrics import vqa_soft_score
 from beit3.training.config import RunConfig
 from beit3.training.distributed import all_gather_objects, all_reduce_sum
@@ -45,14 +35,15 @@ TRAIN_INDEX = ["vqa.train.jsonl", "vqa.trainable_val.jsonl"]
 VAL_INDEX = "vqa.rest_val.jsonl"
 
 
-class VQATask:
+class VQATask(VisionLanguageTask):
+    name = "vqav2"
+    defaults = DEFAULTS
+    model_class = Beit3ForVisualQuestionAnswering
+    raw_dataset = VQADataset
     metric_name = "vqa_score"
-    higher_is_better = True
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.options = parse_options("vqav2", cfg.task.options, DEFAULTS)
-        self.patch_size = 16
+        super().__init__(cfg)
         self._labels: list[str] | None = None
 
     @property
@@ -77,15 +68,17 @@ class VQATask:
             raise ValueError(f"task.options.num_classes={given} but {self.options['answer2label']} has {found} answers")
         return found
 
-    model_class = Beit3ForVisualQuestionAnswering
-
     def head_args(self) -> dict[str, Any]:
         return {"num_labels": self.num_classes}
 
-    def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(self.model_class, cfg, None, **self.head_args())
-        self.patch_size = model.config.patch_size
-        return model
+    def collate_args(self) -> dict[str, Any]:
+        return {"num_labels": self.num_classes}
+
+    def train_index(self) -> list[str]:
+        return TRAIN_INDEX
+
+    def val_index(self) -> str:
+        return VAL_INDEX
 
     default_split = "rest_val"
 
@@ -93,29 +86,14 @@ class VQATask:
         """``rest_val`` (local validation), ``val``, ``test-dev``, ``test``."""
         return f"vqa.{split}.jsonl"
 
-    def dataset(self, cfg: RunConfig, names, train: bool) -> Dataset:
-        tokenizer = load_tokenizer(self.options, cfg)
-        images = image_processor("vqav2", cfg, train, randaug=bool(self.options["randaug"]))
-        collate = make_collator(tokenizer, images, int(self.options["max_text_len"]), task="vqav2",
-                                num_labels=self.num_classes)
-        return ProcessedDataset(VQADataset(index_files(cfg.data.root, names)), collate)
-
-    def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        o = self.options
-        return (self.dataset(cfg, o["train_index"] or TRAIN_INDEX, True),
-                self.dataset(cfg, o["val_index"] or VAL_INDEX, False))
-
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, {}
+        return model(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         sums = torch.zeros(2, dtype=torch.float64)  # score, questions
         for batch in batches:
             keep = ~batch["is_padding"]
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             sums += torch.tensor([vqa_soft_score(logits[keep], batch["labels"][keep]), int(keep.sum())],
                                  dtype=torch.float64)
         all_reduce_sum(sums)
@@ -126,14 +104,10 @@ class VQATask:
         mine: list[tuple[int, str]] = []
         for batch in batches:
             keep = ~batch["is_padding"]
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             for qid, label in zip(batch["qid"][keep].tolist(), logits[keep].argmax(-1).tolist()):
                 mine.append((qid, self.answers[label]))
         return [pair for part in all_gather_objects(mine) for pair in part]
-
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        return count_tokens(batch, self.patch_size)
 
 
 register_task("vqav2", "finetune", VQATask, "VQAv2 answer classification: soft-score BCE, vqa_score")
