@@ -97,16 +97,19 @@ def write_vqa(root: Path, *, val_images: int = 4) -> None:
     questions = {"train2014": [], "val2014": [], "test2015": []}
     annotations = {"train2014": [], "val2014": []}
 
-    def add(subset, image_id, qid, multiple_choice, raw_answers):
+    def add(subset, image_id, qid, multiple_choice, raw_answers, answer_type=None):
         make_image(root / subset / f"COCO_{subset}_{image_id:012d}.jpg")
         questions[subset].append({"image_id": image_id, "question": f"question {qid}?", "question_id": qid})
         if subset in annotations:
-            annotations[subset].append({"question_id": qid, "image_id": image_id, "multiple_choice_answer": multiple_choice,
-                                        "answers": [{"answer": a, "answer_id": n} for n, a in enumerate(raw_answers)]})
+            annotation = {"question_id": qid, "image_id": image_id, "multiple_choice_answer": multiple_choice,
+                          "answers": [{"answer": a, "answer_id": n} for n, a in enumerate(raw_answers)]}
+            if answer_type:  # official files always have it; val here leaves it out to test its absence
+                annotation["answer_type"] = answer_type
+            annotations[subset].append(annotation)
 
     for qid in range(5):
-        add("train2014", 1, qid, "two", ["2"] * 7 + ["two", "3", "3"])
-        add("train2014", 2, 10 + qid, "Yes", ["yes"] * 10)
+        add("train2014", 1, qid, "two", ["2"] * 7 + ["two", "3", "3"], "number")
+        add("train2014", 2, 10 + qid, "Yes", ["yes"] * 10, "yes/no")
     add("train2014", 3, 20, "rare", ["rare"] * 10)  # answer seen once: not in the vocabulary, question dropped
     for n in range(val_images):
         add("val2014", 100 + n, 100 + n, "2", ["2", "2", "yes"] + ["maybe"] * 7)
@@ -139,6 +142,20 @@ def test_vqa_vocabulary_scores_and_splits(tmp_path):
     assert test[0]["qid"] == 500 and "labels" not in test[0]
     assert any("1 train questions dropped" in note for note in report.notes)
     assert any("test-dev" in note for note in report.notes)  # the optional file is absent
+
+
+def test_vqa_rows_keep_the_raw_annotator_answers_and_answer_type(tmp_path):
+    root = tmp_path / "coco"
+    write_vqa(root)
+    build_vqa(root, root, min_answer_count=5, rest_val_images=1)
+    first = read_jsonl(root / "vqa.train.jsonl")[0]
+    # as typed, not normalised: the official accuracy normalises them itself
+    assert first["raw_answers"] == ["2"] * 7 + ["two", "3", "3"]
+    assert first["answer_type"] == "number"
+    val = read_jsonl(root / "vqa.rest_val.jsonl")[0]
+    assert val["raw_answers"] == ["2", "2", "yes"] + ["maybe"] * 7
+    assert "answer_type" not in val  # the annotation file has none
+    assert "raw_answers" not in read_jsonl(root / "vqa.test.jsonl")[0]
 
 
 def test_vqa_split_is_reproducible_by_seed(tmp_path):

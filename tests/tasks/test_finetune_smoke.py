@@ -49,7 +49,8 @@ def test_finetune_two_steps_from_a_pretrained_folder(task, world, pretrained_dir
     assert status == 0
     result = json.loads((out / "final" / "eval_{}_index.json".format(task)).read_text())
     assert result["metrics"][METRIC[task]] == pytest.approx(val[-1][METRIC[task]], abs=1e-4)
-    if task == "vqav2":
+    if task == "vqav2":  # the official accuracy beside the soft score, from the index's raw answers
+        assert {"vqa_accuracy", "vqa_accuracy_yes_no", "vqa_accuracy_number"} <= set(result["metrics"])
         assert main(["evaluate", "--task", task, "--checkpoint", str(out / "final"), "--split", "test-dev"]) == 0
         submission = json.loads((out / "final" / "submit_vqav2_test-dev.json").read_text())
         test_dev = (world / "index" / "vqa.test-dev.jsonl").read_text().splitlines()

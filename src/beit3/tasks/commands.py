@@ -10,7 +10,7 @@ from typing import Any
 
 _EPILOG = """\
 examples:
-  beit3 evaluate --task vqav2 --checkpoint runs/vqa/final --data-root data/index --split rest_val
+  beit3 evaluate --task vqav2 --checkpoint runs/vqa/final --data-root data/index --split rest_val  # soft + official
   beit3 evaluate --task vqav2 --checkpoint runs/vqa/final --split test-dev     # writes the EvalAI file
   beit3 evaluate --task retrieval --checkpoint runs/coco_ret/final --split test
   torchrun --nproc_per_node 8 -m beit3 evaluate --task nlvr2 --checkpoint runs/nlvr2/final --split test-P
@@ -18,6 +18,8 @@ examples:
 
 The task options (tokenizer, text length, beam size, ...) come from the run.yaml the training wrote
 next to the checkpoint (or --recipe); `section.key=value` overrides them as in `beit3 finetune`.
+VQAv2 reports vqa_score (the release's soft score) and vqa_accuracy (the official VQA accuracy, also
+per answer type); see docs/tasks.md.
 """
 
 

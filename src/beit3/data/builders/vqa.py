@@ -7,6 +7,9 @@ Layout read (the official one; test files are optional)::
     ROOT/{train2014,val2014,test2015}/COCO_<subtype>_<image_id:012d>.jpg
 
 Written: ``vqa.{train,val,trainable_val,rest_val,test,test-dev}.jsonl`` and ``answer2label.txt``.
+Rows of the labelled splits keep, besides the soft-score targets (``labels``, ``scores``), the ten
+annotator answers as typed (``raw_answers``) and the ``answer_type`` (yes/no, number, other) of the
+annotation file: the official VQA accuracy and its per-type breakdown are computed from them.
 Fine-tuning trains on train + trainable_val and validates on rest_val: ``rest_val_images`` val
 images (1000, following ViLT) drawn with a seeded shuffle, so the split is the same on every machine
 (the release shuffles without a seed).
@@ -101,11 +104,14 @@ def build_vqa(
                 if annotation is None:
                     report.problem("question without annotation", f"{path.name} question_id {question['question_id']}")
                     continue
-                labels, scores = answer_targets([a["answer"] for a in annotation["answers"]], answer2label, legacy=legacy)
+                raw_answers = [a["answer"] for a in annotation["answers"]]
+                labels, scores = answer_targets(raw_answers, answer2label, legacy=legacy)
                 if not labels:
                     unanswerable += 1
                     continue
-                row.update(labels=labels, scores=scores)
+                row.update(labels=labels, scores=scores, raw_answers=raw_answers)
+                if "answer_type" in annotation:
+                    row["answer_type"] = annotation["answer_type"]
             rows.append(row)
         if unanswerable:
             report.notes.append(f"{unanswerable} {split} questions dropped: no annotator answer in the vocabulary")
