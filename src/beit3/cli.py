@@ -17,7 +17,7 @@ COMMAND_MODULES = [
     "beit3.processing.commands",
     "beit3.training.commands",
     "beit3.pretraining.commands",
-    "beit3.tasks.predict_dense",
+    "beit3.tasks.predict",
     "beit3.tasks.commands",
 ]
 

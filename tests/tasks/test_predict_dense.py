@@ -40,3 +40,15 @@ def test_predict_detection_draws_pngs_and_checks_the_model_kind(tmp_path, images
     assert main(["predict", "segmentation", str(images), "--model", str(tmp_path / "det"), "--out", str(tmp_path / "x")]) == 1
     assert main(["predict", "detection", str(tmp_path / "missing"), "--model", str(tmp_path / "det"),
                  "--out", str(tmp_path / "x")]) == 1
+
+
+def test_predict_segmentation_skips_bad_files_and_draws_the_rest(tmp_path, images, capsys):
+    from tests.tiny_pipelines import bad_files
+
+    bad = bad_files(images)
+    Beit3ForSemanticSegmentation(TINY, num_labels=3, out_channels=32).save_pretrained(tmp_path / "seg")
+    assert main(["predict", "segmentation", str(images), "--model", str(tmp_path / "seg"), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert all(f"skipped {path}:" in err for path in bad.values())
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["0.png", "1.png", "2.png"]
+    assert len(json.loads((tmp_path / "o" / "predictions.json").read_text())) == 3

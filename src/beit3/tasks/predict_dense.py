@@ -1,4 +1,6 @@
-"""`beit3 predict detection|segmentation`: run a dense model on images and draw the result as PNG."""
+"""`beit3 predict detection|segmentation`: run a dense model on images and draw the result as PNG.
+
+Registered under `beit3 predict` by :mod:`beit3.tasks.predict`."""
 from __future__ import annotations
 
 import argparse
@@ -63,63 +65,51 @@ def category_names(path: Path | None, count: int) -> list[str]:
     return names
 
 
-def image_paths(inputs: list[Path]) -> list[Path]:
-    paths = []
-    for item in inputs:
-        if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {item}")
-    if not paths:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
-    return paths
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "predict", help="run a fine-tuned model on images (detection, segmentation) and draw the results",
-        description="Load a model folder (from `beit3 finetune` or save_pretrained), run it on images or folders "
-        "of images, and write one PNG per image with the prediction drawn on it, plus predictions.json.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["detection", "segmentation"])
-    parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
-    parser.add_argument("--model", required=True, type=Path, help="model folder (config.json + model.safetensors)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder for PNGs and predictions.json")
-    parser.add_argument("--labels", type=Path, help="class names: a COCO instances JSON or a text file, one per line")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: smallest score drawn")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.set_defaults(func=run_predict)
+def register_kinds(kinds: argparse._SubParsersAction) -> None:
+    """`beit3 predict detection` and `beit3 predict segmentation`."""
+    for kind, what in (("detection", "boxes, labels and masks"), ("segmentation", "a colour per predicted class")):
+        parser = kinds.add_parser(
+            kind, help=f"draw a {kind} model's predictions ({what}) on images as PNG",
+            description=f"Load a {kind} model folder (from `beit3 finetune` or save_pretrained), run it on images "
+            f"or folders of images, and write one PNG per image with the prediction drawn on it ({what}), "
+            "plus predictions.json. Unreadable files are reported and skipped.",
+            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
+        parser.add_argument("--model", required=True, type=Path, help="model folder (config.json + model.safetensors)")
+        parser.add_argument("--out", required=True, type=Path, help="output folder for PNGs and predictions.json")
+        parser.add_argument("--labels", type=Path, help="class names: a COCO instances JSON or a text file, one per line")
+        if kind == "detection":
+            parser.add_argument("--score-threshold", type=float, default=0.5, help="smallest score drawn")
+        parser.add_argument("--batch-size", type=int, default=8)
+        parser.set_defaults(func=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from beit3.models import Beit3ForInstanceSegmentation, Beit3ForSemanticSegmentation, load_any_model
+    from beit3.tasks.predict_io import InputReport, list_images, load_images, require_predictions
 
     model = load_any_model(args.model).eval()
-    expected = Beit3ForInstanceSegmentation if args.task == "detection" else Beit3ForSemanticSegmentation
+    expected = Beit3ForInstanceSegmentation if args.kind == "detection" else Beit3ForSemanticSegmentation
     if not isinstance(model, expected):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a {expected.__name__}")
     names = category_names(args.labels, model.num_labels)
-    paths = image_paths(args.images)
+    report = InputReport()
+    paths = list_images(args.images, report)
     args.out.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
     records = []
-    for start in tqdm(range(0, len(paths), args.batch_size), desc=f"predict {args.task}", unit="batch"):
-        chunk = paths[start:start + args.batch_size]
-        originals = [Image.open(p).convert("RGB") for p in chunk]
+    for chunk in load_images(paths, args.batch_size, report, f"predict {args.kind}"):
+        originals = [image for _, image in chunk]
         pixels = torch.stack([torch.from_numpy(np.array(im.resize((size, size), Image.BILINEAR))).permute(2, 0, 1)
                               for im in originals]).float() / 255
         with torch.no_grad():
-            if args.task == "detection":
+            if args.kind == "detection":
                 results = model(pixels).detections
             else:
                 results = model((pixels - 0.5) / 0.5).logits.argmax(1).numpy()
-        for path, image, result in zip(chunk, originals, results):
+        for (path, image), result in zip(chunk, results):
             resized = image.resize((size, size), Image.BILINEAR)
-            if args.task == "detection":
+            if args.kind == "detection":
                 drawn = draw_detections(resized, result, names, args.score_threshold).resize(image.size)
                 keep = result["scores"] >= args.score_threshold
                 records.append({"image": str(path), "detections": [
@@ -133,6 +123,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 records.append({"image": str(path), "pixel_fraction": {str(k): round(c / result.size, 4)
                                                                       for k, c in enumerate(counts) if c}})
             drawn.save(args.out / f"{path.stem}.png")
+    require_predictions(records, report)
     (args.out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n")
-    print(f"wrote {len(paths)} PNGs and predictions.json to {args.out}")
+    skipped = f", skipped {len(report.skipped)} (see above)" if report.skipped else ""
+    print(f"wrote {len(records)} PNGs and predictions.json to {args.out}{skipped}")
     return 0

@@ -1,0 +1,185 @@
+"""`beit3 predict caption|vqa|classify|nlvr2|zero-shot`: files in, JSON / CSV / table out."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from beit3.cli import build_parser, main
+from beit3.pipelines import pipeline
+from tests.tiny_pipelines import bad_files, save_model_folder, tiny_tokenizer, write_images
+
+KINDS = ("caption", "vqa", "classify", "nlvr2", "zero-shot", "detection", "segmentation")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def folders(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    return {kind: save_model_folder(kind, tokenizer, root / kind)
+            for kind in ("captioning", "vqa", "classification", "nlvr2", "zero-shot")}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three good images and the four bad files next to them."""
+    folder = tmp_path_factory.mktemp("photos")
+    good = write_images(folder, 3)
+    return folder, good, bad_files(folder)
+
+
+def test_caption_reports_each_bad_file_and_captions_the_rest(folders, photos, tmp_path, capsys):
+    folder, good, bad = photos
+    out = tmp_path / "captions.json"
+    assert main(["predict", "caption", "--model", str(folders["captioning"]), str(folder),
+                 "--num-beams", "2", "--max-length", "6", "--output", str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 4
+    reasons = {"corrupt": "truncated", "huge": "exceeds limit", "empty": "empty (0 bytes)",
+               "text": "not an image format"}
+    for name, path in bad.items():
+        (line,) = [line for line in skipped if line.startswith(f"skipped {path}:")]
+        assert reasons[name] in line
+    written = json.loads(out.read_text())
+    assert written["task"] == "caption" and {s["file"] for s in written["skipped"]} == {str(p) for p in bad.values()}
+    expected = pipeline("captioning", folders["captioning"])(good, num_beams=2, max_length=6)
+    assert written["predictions"] == [{"image": str(p), **e} for p, e in zip(good, expected)]
+    assert str(good[2]) in captured.out.splitlines()[-1]  # the table lists every image
+
+
+def test_nothing_readable_is_an_error_that_says_so(folders, photos, capsys):
+    _, _, bad = photos
+    args = ["predict", "classify", "--model", str(folders["classification"])]
+    assert main(args + [str(p) for p in bad.values()]) == 1
+    assert "nothing was predicted: all 4 input(s) were skipped" in capsys.readouterr().err
+    assert main(args + ["no/such/photo.jpg"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped no/such/photo.jpg: no such file or folder" in err and "nothing was predicted" in err
+
+
+def test_vqa_csv_has_a_row_per_image_question_and_rank(folders, photos, tmp_path):
+    folder, good, _ = photos
+    answers = tmp_path / "answer2label.txt"
+    answers.write_text("".join(json.dumps({"answer": a, "label": i}) + "\n" for i, a in enumerate("abcd")))
+    out = tmp_path / "answers.csv"
+    assert main(["predict", "vqa", "--model", str(folders["vqa"]), "--answers", str(answers), "--top-k", "2",
+                 "--question", "what colour?", "--question", "is it red?", *map(str, good), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["image", "question", "rank", "answer", "score"]
+    assert len(rows) == 3 * 2 * 2
+    vqa = pipeline("vqa", folders["vqa"], labels=answers)
+    expected = vqa(good, "is it red?", top_k=2)
+    got = [r for r in rows if r["question"] == "is it red?"]
+    assert [(r["image"], r["answer"]) for r in got] == [(str(p), e["answer"]) for p, ranked in zip(good, expected)
+                                                         for e in ranked]
+    assert [float(r["score"]) for r in got] == pytest.approx([e["score"] for ranked in expected for e in ranked])
+
+
+def test_classify_table_names_the_classes(folders, photos, tmp_path, capsys):
+    _, good, _ = photos
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\nbird\nfish\n")
+    assert main(["predict", "classify", "--model", str(folders["classification"]), "--labels", str(names),
+                 "--top-k", "1", "--batch-size", "2", str(good[0]), str(good[1]), str(good[2])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["image", "labels"] and len(lines) == 2 + 3
+    assert all(line.split()[1] in ("cat", "dog", "bird", "fish") for line in lines[2:])
+
+
+def test_nlvr2_one_pair_and_a_pairs_file_with_a_missing_image(folders, photos, tmp_path, capsys):
+    _, good, _ = photos
+    assert main(["predict", "nlvr2", "--model", str(folders["nlvr2"]), "--statement", "two dogs",
+                 str(good[0]), str(good[1])]) == 0
+    assert "two dogs" in capsys.readouterr().out
+
+    (tmp_path / "a.png").write_bytes(good[0].read_bytes())
+    (tmp_path / "b.png").write_bytes(good[1].read_bytes())
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("left,right,statement\na.png,b.png,two dogs\na.png,gone.png,one cat\nb.png,a.png,a square\n")
+    out = tmp_path / "judged.json"
+    assert main(["predict", "nlvr2", "--model", str(folders["nlvr2"]), "--pairs", str(pairs),
+                 "--output", str(out), "--batch-size", "2"]) == 0
+    assert f"skipped {tmp_path / 'gone.png'}: image file not found" in capsys.readouterr().err
+    predictions = json.loads(out.read_text())["predictions"]
+    assert [p["statement"] for p in predictions] == ["two dogs", "a square"]
+    judge = pipeline("nlvr2", folders["nlvr2"])
+    expected = judge([(good[1], good[0])], ["a square"])[0]
+    assert predictions[1]["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    assert predictions[1]["true"] == expected["true"]
+
+    assert main(["predict", "nlvr2", "--model", str(folders["nlvr2"]), "--statement", "x", str(good[0])]) == 1
+    assert "exactly two images" in capsys.readouterr().err
+    (tmp_path / "wrong.csv").write_text("image,text\n")
+    assert main(["predict", "nlvr2", "--model", str(folders["nlvr2"]), "--pairs", str(tmp_path / "wrong.csv")]) == 1
+    assert "needs the columns left,right,statement" in capsys.readouterr().err
+
+
+def test_zero_shot_evaluates_a_class_folder(folders, tmp_path, capsys):
+    classes = tmp_path / "val"
+    write_images(classes / "red_circle", 2, seed=1)
+    write_images(classes / "blue_square", 3, seed=2)
+    (classes / "blue_square" / "notes.txt").write_text("not a picture")
+    out = tmp_path / "zero_shot.json"
+    assert main(["predict", "zero-shot", "--model", str(folders["zero-shot"]), "--classes", str(classes),
+                 "--evaluate", "--top-k", "1", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "notes.txt: not an image format" in captured.err
+    written = json.loads(out.read_text())
+    assert written["classes"] == ["blue square", "red circle"]
+    predictions = written["predictions"]
+    assert len(predictions) == 5 and all(len(p["labels"]) == 1 for p in predictions)
+    assert [p["true_label"] for p in predictions] == ["blue square"] * 3 + ["red circle"] * 2
+    top1 = 100 * sum(p["labels"][0]["label"] == p["true_label"] for p in predictions) / 5
+    assert written["metrics"] == {"images": 5, "top1_accuracy": pytest.approx(top1), "top5_accuracy": 100.0}
+    assert f"top-1 {top1:.2f} %" in captured.out
+
+    # the same scores as the pipeline, with names from a text file and custom templates
+    names, templates = tmp_path / "names.txt", tmp_path / "prompts.txt"
+    names.write_text("blue_square\nred_circle\n")
+    templates.write_text("a photo of a {}.\n{} drawn\n")
+    table = tmp_path / "zero_shot.csv"
+    image = classes / "red_circle" / "0.png"
+    assert main(["predict", "zero-shot", "--model", str(folders["zero-shot"]), "--classes", str(names),
+                 "--templates", str(templates), str(image), "--output", str(table)]) == 0
+    rows = list(csv.DictReader(table.open()))
+    zero_shot = pipeline("zero-shot", folders["zero-shot"], classes=["blue square", "red circle"],
+                         templates=["a photo of a {}.", "{} drawn"])
+    expected = zero_shot(image)
+    assert [r["label"] for r in rows] == [e["label"] for e in expected]
+    assert [float(r["score"]) for r in rows] == pytest.approx([e["score"] for e in expected])
+
+    templates.write_text("a photo\n")
+    assert main(["predict", "zero-shot", "--model", str(folders["zero-shot"]), "--classes", str(names),
+                 "--templates", str(templates), str(image)]) == 1
+    assert "every template needs {}" in capsys.readouterr().err
+    assert main(["predict", "zero-shot", "--model", str(folders["zero-shot"]), "--classes", str(names),
+                 "--evaluate"]) == 1
+    assert "--evaluate needs --classes to be a folder" in capsys.readouterr().err
+
+
+def test_errors_say_what_to_do(folders, photos, tmp_path, capsys):
+    _, good, _ = photos
+    assert main(["predict", "caption", "--model", str(folders["captioning"]), str(good[0]),
+                 "--output", str(tmp_path / "out.txt")]) == 1
+    assert "use a .json or .csv file name" in capsys.readouterr().err
+    assert main(["predict", "caption", "--model", str(folders["vqa"]), str(good[0])]) == 1
+    assert "beit3 predict vqa" in capsys.readouterr().err
+    assert main(["predict", "vqa", "--model", str(folders["vqa"]), "--question", "q", str(good[0])]) == 0
+    assert "no label names found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_has_help_with_examples(kind, capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["predict", kind, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"beit3 predict {kind}" in text
