@@ -143,6 +143,8 @@ def _pipeline(task: str, args: argparse.Namespace, **options: Any):
     check_output_path(args.output)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if getattr(args, "top_k", 1) < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     pipe = pipeline(task, args.model, tokenizer=getattr(args, "tokenizer", None), batch_size=args.batch_size,
                     device=args.device, **options)
     if getattr(pipe, "labels", None) is not None and pipe.labels_source is None:
@@ -275,11 +277,10 @@ def run_zero_shot(args: argparse.Namespace) -> int:
             for path in list_images(folders[name], report):
                 truth[path] = index
                 paths.append(path)
-    # Accuracy needs the top 5 even when fewer are listed.
-    listed = args.top_k
     records, hits1, hits5 = [], 0, 0
     for chunk in load_images(paths, args.batch_size, report, "zero-shot"):
-        ranked = pipe([image for _, image in chunk], top_k=max(listed, 5) if args.evaluate else listed)
+        # accuracy needs the top 5 even when fewer are listed
+        ranked = pipe([image for _, image in chunk], top_k=max(args.top_k, 5) if truth else args.top_k)
         for (path, _), labels in zip(chunk, ranked):
             record: dict[str, Any] = {"image": str(path)}
             if path in truth:
@@ -288,12 +289,10 @@ def run_zero_shot(args: argparse.Namespace) -> int:
                 names = [item["label"] for item in labels]
                 hits1 += names[:1] == [true_label]
                 hits5 += true_label in names[:5]
-            records.append({**record, "labels": labels[:listed]})
-    metrics = {}
-    if truth:
-        scored = sum(1 for r in records if "true_label" in r)
-        if scored:
-            metrics = {"images": scored, "top1_accuracy": 100 * hits1 / scored, "top5_accuracy": 100 * hits5 / scored}
+            records.append({**record, "labels": labels[:args.top_k]})
+    scored = sum("true_label" in record for record in records)
+    metrics = {"images": scored, "top1_accuracy": 100 * hits1 / scored,
+               "top5_accuracy": 100 * hits5 / scored} if scored else {}
     code = finish(records, report, args.output,
                   _summary("zero-shot", args, classes=pipe.classes, templates=pipe.templates,
                            **({"metrics": metrics} if metrics else {})))
