@@ -4,9 +4,18 @@ from __future__ import annotations
 import argparse
 import inspect
 import time
+from pathlib import Path
 
 from beit3.data.builders import BUILDERS
 from beit3.data.synthetic import WORLD_SIZES, generate
+
+DATA_EXAMPLES = """examples:
+  beit3 data synthetic --out data/synthetic                              # tiny data for every task, seconds
+  beit3 data build vqav2 --root /data/coco --out /data/index             # index the official VQAv2 files
+  beit3 finetune --recipe configs/vqav2_base_480.yaml data.root=/data/index
+
+Index formats and the layout each builder reads: docs/data.md.
+"""
 
 SYNTHETIC_EXAMPLES = """examples:
   beit3 data synthetic --out data/synthetic --size small      # a few seconds, for smoke tests
@@ -41,6 +50,9 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"--root {args.root} is not a folder: point it at the {args.task} dataset in its "
+                                "official layout (see docs/data.md)")
     builder = BUILDERS[args.task]
     accepted = set(inspect.signature(builder).parameters)
     options = {"strict": args.strict, "verify_images": args.verify_images}
@@ -54,7 +66,13 @@ def _build(args: argparse.Namespace) -> int:
             flag = "--annotations" if name.startswith("annotation") else "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to {args.task}")
         options[name] = value
-    report = builder(args.root, args.out or args.root, **options)
+    try:
+        report = builder(args.root, args.out or args.root, **options)
+    except FileNotFoundError as err:
+        if err.filename is None:  # already a sentence of ours
+            raise
+        raise FileNotFoundError(f"{err.filename} not found: {args.task} reads the official layout under --root "
+                                "(see docs/data.md); pass --annotations if the annotation files live elsewhere") from err
     print(report.summary())
     return 0
 
@@ -62,12 +80,17 @@ def _build(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``beit3 data synthetic`` and ``beit3 data build``."""
     data = subparsers.add_parser("data", help="synthetic world and dataset index builders",
-                                 description="Prepare data: generate the synthetic world or build task indexes.")
+                                 description="Prepare data: generate the synthetic world or build task indexes.",
+                                 epilog=DATA_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = data.add_subparsers(dest="action", metavar="<action>")
     data.set_defaults(func=lambda args: data.print_help() or 2)
 
-    synthetic = actions.add_parser("synthetic", help="write the seeded synthetic world in every supported format",
-                                   epilog=SYNTHETIC_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synthetic = actions.add_parser(
+        "synthetic", help="write the seeded synthetic world in every supported format",
+        description="Write a small seeded world of coloured shapes in the official format of every dataset "
+                    "(COCO, VQAv2, Flickr30k, NLVR2, ImageNet, detection, pretraining shards) with captions, "
+                    "questions and statements that describe the images, for smoke tests and tiny recipes.",
+        epilog=SYNTHETIC_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthetic.add_argument("--out", required=True, help="folder to write (created if missing)")
     synthetic.add_argument("--size", choices=sorted(WORLD_SIZES), default="small", help="how much data (default: small)")
     synthetic.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes (default: 0)")
@@ -75,8 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--no-index", action="store_true", help="write raw formats only, skip the index builders")
     synthetic.set_defaults(func=_synthetic)
 
-    build = actions.add_parser("build", help="build a task index from the official annotation files",
-                               epilog=BUILD_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build = actions.add_parser(
+        "build", help="build a task index from the official annotation files",
+        description="Read a dataset in its official layout and write the JSON-lines index files (and "
+                    "answer2label.txt for VQAv2) that fine-tuning reads from data.root.",
+        epilog=BUILD_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("task", choices=sorted(BUILDERS), help="which dataset format to read")
     build.add_argument("--root", required=True, help="dataset folder in the official layout (see docs/data.md)")
     build.add_argument("--out", help="folder for the index files (default: --root)")

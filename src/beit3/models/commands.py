@@ -8,6 +8,10 @@ EXAMPLES = """examples:
   beit3 convert beit3_base_patch16_480_vqa.pth models/vqa-base-480
   beit3 convert beit3_base_patch16_224.pth models/base --task backbone
   beit3 convert beit3_base_patch16_224.pth models/nlvr2-init --task nlvr2 --init-head
+  beit3 convert beit3_large_patch16_224.pth models/large-384 --task backbone --image-size 384
+
+The output folder loads with Beit3Model.from_pretrained / Beit3For<Task>.from_pretrained and is what
+model.pretrained and `beit3 evaluate --checkpoint` take. Formats read: docs/models.md.
 """
 
 
@@ -24,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", type=Path, help="input .pth / .pt / .bin / .safetensors file")
     parser.add_argument("output", type=Path, help="output directory (created)")
     parser.add_argument("--task", default="auto",
-                        choices=["auto", "backbone", "classification", "vqav2", "nlvr2", "retrieval", "captioning"])
+                        choices=["auto", "backbone", "classification", "vqav2", "nlvr2", "retrieval", "captioning"],
+                        help="model to build (default: auto, detected from the checkpoint's head keys)")
     parser.add_argument("--image-size", type=int, help="resample the vision position table to this image size")
     parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as every release)")
     parser.add_argument("--mask-token-id", type=int,
@@ -53,6 +58,9 @@ def run_convert(args: argparse.Namespace) -> int:
     from beit3.models import TASK_MODELS, Beit3Model, count_parameters
     from beit3.models.convert import read_state_dict, to_task_form
 
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {args.checkpoint}; pass a .pth of the BEiT-3 release "
+                                "(see docs/models.md) or a timm .safetensors file")
     state, layout = to_task_form(read_state_dict(args.checkpoint))
     task = detect_task(state) if args.task == "auto" else args.task
     cls = Beit3Model if task == "backbone" else TASK_MODELS[task]

@@ -26,7 +26,12 @@ def image_source(pattern: str):
     """Tar shards (``*.tar`` globs) or an image folder."""
     from beit3.data import ImageFolder, TarShards
 
-    return TarShards(pattern) if pattern.endswith(".tar") else ImageFolder(pattern)
+    if pattern.endswith(".tar"):
+        return TarShards(pattern)
+    if not Path(pattern).is_dir():
+        raise FileNotFoundError(f"--images {pattern} is not a folder: pass an image folder or a quoted glob of "
+                                "tar shards, e.g. 'data/synthetic/pretrain/images/*.tar'")
+    return ImageFolder(pattern)
 
 
 def build_teacher(spec: str, config: VQKDConfig, checkpoint: str | None = None, teacher_size: int | None = None) -> nn.Module:
@@ -121,6 +126,30 @@ def codebook_usage(model: VQKD, images: Sequence[Any], load, *, batch_size: int 
 
 
 # --------------------------------------------------------------------------------------------------
+TRAIN_EXAMPLES = """\
+examples:
+  # seconds on CPU: the HOG teacher needs no weights (the synthetic world's shards)
+  beit3 visual-tokenizer train --images 'data/synthetic/pretrain/images/*.tar' --preset tiny \\
+      --codebook-size 256 --steps 300 --batch-size 64 --lr 1e-3 --out data/synthetic/vqkd
+  # BEiT v2's recipe: a CLIP ViT-B/16 teacher from a local timm checkpoint, on one GPU
+  beit3 visual-tokenizer train --images /data/imagenet/train --preset base \\
+      --teacher timm:vit_base_patch16_clip_224.openai --teacher-checkpoint clip_b16.safetensors \\
+      --steps 250000 --batch-size 512 --warmup-steps 10000 --out vqkd_base
+
+Writes vqkd_config.json, vqkd.safetensors and codebook_usage.json to --out; the pretraining recipes
+name that folder in task.options.visual_tokenizer.
+"""
+
+USAGE_EXAMPLES = """\
+examples:
+  beit3 visual-tokenizer usage --tokenizer data/synthetic/vqkd --images 'data/synthetic/pretrain/images/*.tar'
+  beit3 visual-tokenizer usage --tokenizer vqkd_base.pth --images /data/imagenet/val --limit 10000 --device cuda
+
+Prints JSON: used_codes, codebook_size, usage (their share), perplexity of the code distribution
+and num_patches. A healthy tokenizer uses most of its codebook.
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "visual-tokenizer", help="train a VQ-KD visual tokenizer and report its codebook usage",
@@ -133,28 +162,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "  beit3 visual-tokenizer usage --tokenizer vqkd --images 'world/pretrain/images/*.tar'\n",
     )
     sub = parser.add_subparsers(dest="action", metavar="<action>")
-    train = sub.add_parser("train", help="train a tokenizer against a frozen teacher")
+    train = sub.add_parser(
+        "train", help="train a tokenizer against a frozen teacher",
+        description="Train a VQ-KD tokenizer: a ViT encoder's patch features are quantised to the nearest "
+                    "codebook entry, from which a decoder must reconstruct a frozen teacher's features (HOG, "
+                    "or a timm model such as CLIP); unused codes are restarted. The codes become the masked "
+                    "image modeling targets of pretraining.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--images", required=True, help="tar shards (glob ending in .tar) or an image folder")
     train.add_argument("--out", required=True, help="output directory (vqkd_config.json + vqkd.safetensors)")
-    train.add_argument("--preset", choices=("tiny", "base"), default="tiny")
+    train.add_argument("--preset", choices=("tiny", "base"), default="tiny",
+                       help="tokenizer size: tiny (CPU-sized) or base (BEiT v2's) (default: %(default)s)")
     train.add_argument("--image-size", type=int, help="override the preset's image size")
     train.add_argument("--patch-size", type=int, help="override the preset's patch size")
-    train.add_argument("--codebook-size", type=int)
+    train.add_argument("--codebook-size", type=int, help="override the preset's number of codes")
     train.add_argument("--teacher", default="hog", help="'hog' (built in, no weights) or 'timm:<model name>'")
     train.add_argument("--teacher-checkpoint", help="local weights file of a timm teacher")
     train.add_argument("--teacher-size", type=int, help="input side of a timm teacher (default: image size)")
-    train.add_argument("--steps", type=int, default=500)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--steps", type=int, default=500, help="optimiser steps (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, cosine decay (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the model, crops and sampling (default: %(default)s)")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where to train (default: cuda when available, else cpu)")
     train.set_defaults(func=_run_train)
-    usage = sub.add_parser("usage", help="codebook usage of a tokenizer over images")
+    usage = sub.add_parser(
+        "usage", help="codebook usage of a tokenizer over images",
+        description="Tokenize images (resized, no augmentation) and report how many codes of the codebook "
+                    "they use and the perplexity of the code distribution: the check for codebook collapse.",
+        epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     usage.add_argument("--tokenizer", required=True, help="a VQ-KD directory or a BEiT v2 .pth")
-    usage.add_argument("--images", required=True)
-    usage.add_argument("--limit", type=int, default=5000, help="at most this many images")
-    usage.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    usage.add_argument("--images", required=True, help="tar shards (glob ending in .tar) or an image folder")
+    usage.add_argument("--limit", type=int, default=5000, help="at most this many images (default: %(default)s)")
+    usage.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where to run (default: cuda when available, else cpu)")
     usage.set_defaults(func=_run_usage)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
@@ -187,6 +229,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_usage(args: argparse.Namespace) -> int:
+    if not Path(args.tokenizer).exists():
+        raise FileNotFoundError(f"no visual tokenizer at {args.tokenizer}: pass a folder written by "
+                                "`beit3 visual-tokenizer train` or a BEiT v2 tokenizer .pth")
     model = VQKD.from_pretrained(args.tokenizer)
     source, refs = _refs(args.images)
     print(json.dumps(codebook_usage(model, refs[: args.limit], source.load, device=args.device)))

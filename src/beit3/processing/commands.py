@@ -2,6 +2,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+TOKENIZER_EXAMPLES = """\
+examples:
+  beit3 tokenizer train --input corpus/*.txt --vocab-size 32000 --output my_tokenizer
+  beit3 tokenizer extend --tokenizer checkpoints/beit3_base --input greek.txt --num-new-pieces 8000 --output tok_el
+
+The official models use beit3.spm (64000 pieces) from the BEiT-3 release; train one only for a new
+corpus or language. See 'beit3 tokenizer train --help' and 'beit3 tokenizer extend --help'.
+"""
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -29,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "tokenizer", help="train or extend a SentencePiece tokenizer",
         description="Train a BEiT-3 tokenizer (XLM-R id layout) or extend one with new pieces.",
+        epilog=TOKENIZER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
 
@@ -89,7 +100,10 @@ def _run_extend(args: argparse.Namespace) -> int:
     from beit3.processing.tokenizer_training import extend_tokenizer, resize_model_for_tokenizer
 
     if bool(args.model) != bool(args.model_output):
-        raise ValueError("--model and --model-output go together")
+        raise ValueError("--model and --model-output go together: pass both to resize a model, or neither")
+    if args.model and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model} is not a model folder: pass one written by save_pretrained "
+                                "or `beit3 convert` (config.json + model.safetensors)")
     tokenizer = extend_tokenizer(args.tokenizer, args.input, args.num_new_pieces, args.output,
                                  character_coverage=args.character_coverage,
                                  max_sentences=args.max_sentences, num_threads=args.num_threads)

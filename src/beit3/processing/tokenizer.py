@@ -358,7 +358,8 @@ class Beit3Tokenizer:
         if path.is_file():
             return cls(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"no tokenizer at '{path}': not a file or directory")
+            raise FileNotFoundError(f"no tokenizer at '{path}': pass the SentencePiece file (the official "
+                                    "beit3.spm) or a folder written by `beit3 tokenizer train` or save_pretrained")
         config_file = path / CONFIG_FILENAME
         if config_file.is_file():
             try:

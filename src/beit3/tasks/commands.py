@@ -79,11 +79,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from beit3.tasks.vqav2 import VQATask
     from beit3.training import distributed as D
     from beit3.training.config import load_config
-    from beit3.training.task import build_task
+    from beit3.training.task import build_task, registered_tasks
 
+    # the tasks that name their splits (split_index) are the ones evaluate can score
+    tasks = sorted(name for name, entry in registered_tasks().items()
+                   if entry.kind == "finetune" and hasattr(entry.factory, "split_index"))
+    if args.task not in tasks:
+        raise ValueError(f"no evaluation for task {args.task!r}; pass --task with one of: {', '.join(tasks)}")
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "model.safetensors").is_file() or not (checkpoint / "config.json").is_file():
-        raise ValueError(f"{checkpoint} is not a checkpoint folder (model.safetensors + config.json)")
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (model.safetensors + config.json): pass the "
+                                "final/ folder of a `beit3 finetune` run, or convert an official .pth with `beit3 convert`")
     recipe = args.recipe or _find_run_yaml(checkpoint)
     overrides = [f"task.name={args.task}"] + list(args.overrides)
     if args.data_root:

@@ -43,11 +43,19 @@ def parse_options(task: str, given: Mapping[str, Any], defaults: Mapping[str, An
 
 
 def index_files(root: str | None, names: str | Sequence[str]) -> list[Path]:
-    """Index files under ``data.root`` (absolute names are kept)."""
+    """Index files under ``data.root`` (absolute names are kept); a missing one is an error that
+    says how to make it."""
     if root is None:
-        raise ValueError("set data.root to the folder holding the index files (see docs/data.md)")
+        raise ValueError("data.root is not set: pass data.root=DIR, the folder `beit3 data build` wrote the "
+                         "index files to (see docs/data.md)")
     names = [names] if isinstance(names, str) else list(names)
-    return [Path(n) if Path(n).is_absolute() else Path(root) / n for n in names]
+    paths = [Path(n) if Path(n).is_absolute() else Path(root) / n for n in names]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: build the indexes with `beit3 data build <dataset> --root "
+                                    f"<raw data> --out {root}`, or point data.root (or the task's index option) "
+                                    "at the folder holding them (see docs/data.md)")
+    return paths
 
 
 def load_tokenizer(options: Mapping[str, Any], cfg: RunConfig) -> Beit3Tokenizer:
@@ -61,8 +69,8 @@ def load_tokenizer(options: Mapping[str, Any], cfg: RunConfig) -> Beit3Tokenizer
         except FileNotFoundError:
             pass
     raise ValueError(
-        "no tokenizer: set task.options.tokenizer to the SentencePiece file (the official beit3.spm) "
-        "or to a tokenizer folder, or save one next to the pretrained model"
+        "no tokenizer: set task.options.tokenizer=PATH (`beit3 evaluate`: --tokenizer PATH) to the SentencePiece "
+        "file (the official beit3.spm) or a tokenizer folder, or save one next to the pretrained model"
     )
 
 

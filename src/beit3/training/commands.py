@@ -5,6 +5,7 @@ import argparse
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 from beit3.training.config import load_config
 from beit3.training.loop import Trainer
@@ -30,7 +31,11 @@ examples:
 """
 
 
-def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, recipe: str, help_text: str) -> None:
+EXAMPLE_RECIPE = {"pretrain": "pretrain_base.yaml", "finetune": "vqav2_base_480.yaml"}
+
+
+def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, help_text: str) -> None:
+    recipe = EXAMPLE_RECIPE[kind]
     parser = subparsers.add_parser(
         kind,
         help=help_text,
@@ -49,8 +54,8 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, recipe: 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _add_parser(subparsers, "pretrain", "<recipe>.yaml", "Pretrain a BEiT-3 model with masked data modeling")
-    _add_parser(subparsers, "finetune", "vqav2_base_480.yaml", "Fine-tune a BEiT-3 model on a downstream task")
+    _add_parser(subparsers, "pretrain", "Pretrain a BEiT-3 model with masked data modeling")
+    _add_parser(subparsers, "finetune", "Fine-tune a BEiT-3 model on a downstream task")
 
 
 def run(args: argparse.Namespace, kind: TaskKind) -> int:
@@ -60,8 +65,10 @@ def run(args: argparse.Namespace, kind: TaskKind) -> int:
             if entry.kind == kind:
                 print(f"{name:24s} {entry.description}")
         return 0
-    if not args.recipe:
-        raise ValueError("--recipe is required")
+    if not args.recipe or not Path(args.recipe).is_file():
+        problem = f"recipe not found: {args.recipe}" if args.recipe else "--recipe is required"
+        raise FileNotFoundError(f"{problem}; pass a YAML recipe such as configs/{EXAMPLE_RECIPE[kind]} "
+                                "(the recipes of the release and tiny ones for the synthetic world are in configs/)")
     overrides = list(args.overrides)
     for flag, key in ((args.task, "task.name"), (args.output_dir, "train.output_dir"), (args.resume, "train.resume")):
         if flag is not None:
