@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "beit3.training.commands",
     "beit3.pretraining.commands",
     "beit3.tasks.predict",
+    "beit3.tasks.search",
     "beit3.tasks.commands",
 ]
 

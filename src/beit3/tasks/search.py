@@ -1,0 +1,692 @@
+"""Image search: embed folders of images once with a retrieval model, then query them by text or image.
+
+An index is a folder:
+
+* ``index.json`` -- the commit point: format version, the model's identity (path and SHA-256 of
+  its files), the indexed roots, the row count, the names of the current embeddings and manifest
+  files, and the files that could not be read (with their size and mtime, so they are retried
+  only once they change);
+* ``embeddings.<generation>.safetensors`` -- ``(N, D)`` L2-normalised image embeddings, float32;
+* ``manifest.<generation>.jsonl`` -- line ``i`` describes row ``i``: path, size, mtime_ns.
+
+A save writes a new generation beside the old one and only then replaces ``index.json``
+(``os.replace``), so a crash at any moment leaves the old index or the new one, never a mix.
+
+Embeddings stay float32: both search backends compute in float32 (faiss takes nothing else, and
+half-precision matmuls are slow on CPUs), so float16 would only halve the disk file (3 KiB per
+image at 768 dimensions) at the price of ~1e-3 score noise and a conversion on every load.
+
+Re-indexing compares each file's size and mtime with the manifest: new and changed files are
+embedded, unchanged ones kept, vanished ones dropped. A long run commits its progress every
+``checkpoint_interval`` seconds and when it stops (even on Ctrl-C), so a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from beit3.models import Beit3ForImageTextRetrieval
+from beit3.models.base import CONFIG_NAME, WEIGHTS_NAME
+from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
+from beit3.processing.image import CONFIG_FILENAME as IMAGE_PROCESSOR_CONFIG
+from beit3.processing.image import ImageInput
+from beit3.processing.processor import CONFIG_FILENAME as PROCESSOR_CONFIG
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+BACKENDS = ("auto", "exact", "faiss")
+DEFAULT_FAISS_THRESHOLD = 100_000
+EXACT_CHUNK_ROWS = 65_536  # rows scored per matmul: bounds memory at chunk x queries scores
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                            ".ppm", ".pgm", ".pbm"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+@dataclass(frozen=True)
+class FileRecord:
+    """A file as it was when read: another size or mtime means it changed and is read again."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that could not be embedded, and why (the reason names the file)."""
+
+    record: FileRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Where a model was and a hash of its files: the hash is what must match, the path is a hint."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    path: str
+    score: float  # cosine similarity
+
+
+@dataclass
+class UpdateReport:
+    """What one :meth:`ImageIndex.update` did."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    unchanged: int
+    skipped: list[SkippedFile]  # unreadable this run
+    skipped_before: int  # unreadable in an earlier run and unchanged since, so not read again
+
+
+# ---------------------------------------------------------------------------------------------
+# The model side
+def fingerprint_model(path: str | Path) -> ModelIdentity:
+    """SHA-256 of a checkpoint file, or of a model folder's config, weights and image settings."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at '{path}': give a retrieval model folder "
+                                "(config.json + model.safetensors) or checkpoint file")
+    if path.is_file():
+        files = [path]
+    else:
+        files = [path / name for name in (CONFIG_NAME, WEIGHTS_NAME, IMAGE_PROCESSOR_CONFIG) if (path / name).is_file()]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return ModelIdentity(os.path.abspath(path), digest.hexdigest())
+
+
+class RetrievalEncoder:
+    """A :class:`Beit3ForImageTextRetrieval` with the preprocessing its embeddings need.
+
+    Args:
+        model: a model folder (``config.json`` + ``model.safetensors``, e.g. ``runs/x/final``)
+            or a checkpoint file (an official ``*_retrieval.pth``).
+        tokenizer: SentencePiece file or tokenizer folder for text queries; default the model
+            folder. Loaded on the first text query, so indexing images needs none.
+        device: where the model runs; embeddings always come back as float32 on the CPU.
+        identity: the model's :func:`fingerprint_model`, when the caller already computed it.
+
+    Images go through the folder's ``preprocessor_config.json`` when it has one (forced to the
+    deterministic eval pipeline), else the official retrieval eval pipeline at the model's size.
+    """
+
+    def __init__(self, model: str | Path, *, tokenizer: str | Path | None = None,
+                 device: str | torch.device = "cpu", identity: ModelIdentity | None = None) -> None:
+        path = Path(model)
+        self.identity = identity or fingerprint_model(path)
+        if path.is_dir():
+            config_file = path / CONFIG_NAME
+            if not config_file.is_file():
+                raise FileNotFoundError(f"'{path}' is not a model folder: {CONFIG_NAME} is missing")
+            architecture = json.loads(config_file.read_text()).get("architecture")
+            if architecture != Beit3ForImageTextRetrieval.__name__:
+                raise ValueError(f"'{path}' holds a {architecture}, not a Beit3ForImageTextRetrieval: "
+                                 "search needs a model fine-tuned for image-text retrieval")
+        self.device = torch.device(device)
+        self.model = Beit3ForImageTextRetrieval.from_pretrained(path).to(self.device).eval()
+        self.image_processor = _eval_image_processor(path, self.model.config.image_size)
+        self.tokenizer_source = Path(tokenizer) if tokenizer is not None else path
+        self.max_length = _text_length(path)
+        self._tokenizer: Beit3Tokenizer | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def tokenizer(self) -> Beit3Tokenizer:
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = Beit3Tokenizer.from_pretrained(self.tokenizer_source)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"text queries need the model's tokenizer: {err}; pass --tokenizer "
+                                        "(a SentencePiece file such as beit3.spm, or a tokenizer folder)") from None
+        return self._tokenizer
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, D)`` unit vectors."""
+        return self.model.encode_image(pixel_values.to(self.device)).float().cpu()
+
+    def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Image files, PIL images, arrays ... -> ``(B, D)`` unit vectors."""
+        return self.embed_pixels(self.image_processor(list(images))["pixel_values"])
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Strings -> ``(B, D)`` unit vectors."""
+        batch = self.tokenizer(list(texts), max_length=self.max_length)
+        return self.model.encode_text(batch["input_ids"].to(self.device),
+                                      batch["attention_mask"].to(self.device)).float().cpu()
+
+
+def _eval_image_processor(model_path: Path, image_size: int) -> Beit3ImageProcessor:
+    saved = model_path / IMAGE_PROCESSOR_CONFIG if model_path.is_dir() else None
+    if saved is not None and saved.is_file():
+        # A processor saved for training would augment at random; indexing must be deterministic.
+        return Beit3ImageProcessor.from_dict({**Beit3ImageProcessor.from_pretrained(saved).to_dict(), "train": False})
+    return Beit3ImageProcessor.for_task("retrieval", image_size)
+
+
+def _text_length(model_path: Path) -> int:
+    saved = model_path / PROCESSOR_CONFIG if model_path.is_dir() else None
+    if saved is not None and saved.is_file():
+        return int(json.loads(saved.read_text()).get("max_length", 64))
+    return 64  # every official recipe's text length
+
+
+# ---------------------------------------------------------------------------------------------
+# Search backends
+def exact_top_k(embeddings: torch.Tensor, queries: torch.Tensor, k: int,
+                chunk_rows: int = EXACT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` inner products of each query against every row: ``(scores, rows)``, each ``(Q, k)``.
+
+    Scores ``chunk_rows`` rows at a time and keeps a running top-k, so memory stays at
+    ``Q x chunk_rows`` whatever the collection size.
+    """
+    k = min(k, embeddings.shape[0])
+    best_scores = queries.new_empty(queries.shape[0], 0)
+    best_rows = torch.empty(queries.shape[0], 0, dtype=torch.long)
+    for start in range(0, embeddings.shape[0], chunk_rows):
+        scores = queries @ embeddings[start:start + chunk_rows].t()  # (Q, C)
+        top_scores, top_rows = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, top_scores], dim=1)
+        merged_rows = torch.cat([best_rows, top_rows + start], dim=1)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_rows = merged_rows.gather(1, order)
+    return best_scores, best_rows
+
+
+def faiss_top_k(embeddings: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`exact_top_k` with faiss (``IndexFlatIP``); a ValueError says how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("the faiss backend needs the faiss package, which is not installed: "
+                         "`pip install faiss-cpu` (or `pip install 'beit3[search]'`), or use the exact "
+                         "backend (--backend exact)") from None
+    flat = faiss.IndexFlatIP(embeddings.shape[1])
+    flat.add(embeddings.contiguous().numpy())
+    scores, rows = flat.search(queries.contiguous().numpy(), min(k, embeddings.shape[0]))
+    return torch.from_numpy(scores), torch.from_numpy(rows).long()
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The index
+class ImageIndex:
+    """Image embeddings of a set of folders, kept on disk, searchable by text or image.
+
+    Args:
+        directory: the index folder (created by the first :meth:`update`).
+        model: the retrieval model (folder or checkpoint file). Needed to create an index; for an
+            existing one it defaults to the model recorded there and, when given, must be the
+            same model (same file hash) or a ValueError names both.
+        tokenizer: tokenizer for text queries (default: the one recorded at indexing time, else
+            the model folder's).
+        device: where the model runs.
+
+    Example::
+
+        index = ImageIndex("photos.index", model="runs/coco_retrieval/final")
+        index.update(["photos/"])
+        for hit in index.search_text("a dog on a beach", k=5):
+            print(hit.rank, f"{hit.score:.3f}", hit.path)
+    """
+
+    def __init__(self, directory: str | Path, *, model: str | Path | None = None,
+                 tokenizer: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+        self.directory = Path(directory)
+        self.device = device
+        self._model_path = model
+        self._tokenizer_path = os.path.abspath(tokenizer) if tokenizer is not None else None
+        self._encoder: RetrievalEncoder | None = None
+        self.generation = 0
+        self.records: list[FileRecord] = []
+        self.roots: list[str] = []
+        self.skipped: dict[str, SkippedFile] = {}
+        self.embeddings = torch.empty(0, 0)
+        self.model_identity: ModelIdentity | None = None
+        self.recorded_tokenizer: str | None = None
+        if (self.directory / INDEX_FILE).is_file():
+            self._load()
+        elif model is None:
+            raise FileNotFoundError(f"no index at '{self.directory}': build it first with "
+                                    f"`beit3 search index --model MODEL_DIR --index {self.directory} FOLDER...`")
+        if model is not None:
+            _ = self.encoder  # load and check the model now, before any work
+        if self.model_identity is None:  # a new index
+            self.model_identity = self.encoder.identity
+            self.embeddings = torch.empty(0, self.encoder.dim)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def encoder(self) -> RetrievalEncoder:
+        """The model, loaded on first use and checked against the one the index was built with."""
+        if self._encoder is None:
+            path = self._model_path
+            if path is None:  # an existing index and no model given: the recorded one
+                path = self.model_identity.path
+                if not Path(path).exists():
+                    raise FileNotFoundError(
+                        f"index '{self.directory}' was built with model '{path}', which is gone: pass "
+                        f"--model with a copy of it (sha256 {self.model_identity.sha256[:16]})")
+            identity = fingerprint_model(path)
+            if self.model_identity is not None and identity.sha256 != self.model_identity.sha256:
+                raise ValueError(self._mismatch_message(identity))
+            tokenizer = self._tokenizer_path or self.recorded_tokenizer
+            self._encoder = RetrievalEncoder(path, tokenizer=tokenizer, device=self.device, identity=identity)
+        return self._encoder
+
+    def _mismatch_message(self, given: ModelIdentity) -> str:
+        built = self.model_identity
+        if given.path == built.path:
+            what = f"the model at '{built.path}' has changed since (sha256 {built.sha256[:16]} then, {given.sha256[:16]} now)"
+        else:
+            what = (f"it was built with model '{built.path}' (sha256 {built.sha256[:16]}), not with "
+                    f"'{given.path}' (sha256 {given.sha256[:16]})")
+        return (f"index '{self.directory}' does not match the model: {what}. Embeddings of different models "
+                f"cannot be compared: query with the model the index was built with, or build a separate "
+                f"index with `beit3 search index --model {given.path} --index NEW_INDEX_DIR FOLDER...`")
+
+    # ------------------------------------------------------------------------------- indexing
+    def update(self, paths: Iterable[str | Path] = (), *, batch_size: int = 32, num_workers: int = 0,
+               progress: bool = True, checkpoint_interval: float = 600.0) -> UpdateReport:
+        """Add ``paths`` (folders, searched recursively, or image files) to the index's roots and
+        bring the index up to date with every root: embed new and changed images, drop vanished
+        ones. Unreadable files are reported on stderr, one line each, and left out.
+
+        Progress is committed every ``checkpoint_interval`` seconds and at the end, even when the
+        run is interrupted, so a rerun picks up where this one stopped.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        new_roots = [os.path.abspath(p) for p in paths]
+        for root in new_roots:
+            if not os.path.exists(root):
+                raise FileNotFoundError(f"no such image file or folder: '{root}'")
+        roots = list(dict.fromkeys(self.roots + new_roots))
+        if not roots:
+            raise ValueError(f"nothing to index: give image folders, e.g. `beit3 search index --index "
+                             f"{self.directory} photos/`")
+        listing, missing_roots = _list_image_files(roots)
+        for root in missing_roots:
+            _report(f"warning: indexed folder '{root}' no longer exists; its images are dropped")
+
+        stored = {record.path: record for record in self.records}
+        todo: list[FileRecord] = []
+        added, changed, unchanged, skipped_before = [], [], 0, 0
+        for path, record in listing.items():
+            if stored.get(path) == record:
+                unchanged += 1
+            elif path in self.skipped and self.skipped[path].record == record:
+                skipped_before += 1
+            else:
+                todo.append(record)
+                (changed if path in stored else added).append(path)
+        removed = [path for path in stored if path not in listing]
+
+        old_records, old_embeddings, old_skipped = self.records, self.embeddings, self.skipped
+        done: list[FileRecord] = []
+        done_embeddings: list[torch.Tensor] = []
+        skipped_now: dict[str, SkippedFile] = {}
+
+        def commit() -> None:
+            # Rows not re-read yet keep their old embedding and old mtime, so a later run redoes them.
+            replaced = {record.path for record in done} | set(skipped_now)
+            keep = [i for i, r in enumerate(old_records) if r.path in listing and r.path not in replaced]
+            skipped = {p: s for p, s in old_skipped.items() if p in listing and p not in replaced}
+            self._save(records=[old_records[i] for i in keep] + done,
+                       embeddings=torch.cat([old_embeddings[keep], *done_embeddings]),
+                       roots=roots, skipped={**skipped, **skipped_now})
+
+        stale = removed or roots != self.roots or set(self.skipped) - set(listing)
+        if not todo:
+            if stale or not (self.directory / INDEX_FILE).is_file():
+                commit()
+            return UpdateReport(added, changed, removed, unchanged, [], skipped_before)
+
+        encoder = self.encoder
+        loader = DataLoader(_ImageFiles([r.path for r in todo], encoder.image_processor),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+        bar = tqdm(total=len(todo), unit="img", desc="embedding", file=sys.stderr,
+                   disable=None if progress else True)  # None: off when stderr is not a terminal
+        last_commit = time.monotonic()
+        try:
+            for batch in loader:
+                readable = []
+                for position, pixels, reason in batch:
+                    if reason is None:
+                        readable.append((position, pixels))
+                    else:
+                        skipped_now[todo[position].path] = SkippedFile(todo[position], reason)
+                        _report(f"skipped: {reason}")
+                if readable:
+                    done_embeddings.append(encoder.embed_pixels(torch.stack([p for _, p in readable])))
+                    done += [todo[position] for position, _ in readable]
+                bar.update(len(batch))
+                if time.monotonic() - last_commit >= checkpoint_interval:
+                    commit()
+                    last_commit = time.monotonic()
+        finally:
+            bar.close()
+            commit()
+        return UpdateReport([p for p in added if p not in skipped_now], [p for p in changed if p not in skipped_now],
+                            removed, unchanged, list(skipped_now.values()), skipped_before)
+
+    # ------------------------------------------------------------------------------- searching
+    def search(self, queries: torch.Tensor, k: int = 5, *, backend: str = "auto",
+               faiss_threshold: int = DEFAULT_FAISS_THRESHOLD) -> list[list[SearchHit]]:
+        """Top-``k`` images by cosine similarity for each row of ``queries`` ``(Q, D)`` (unit vectors).
+
+        ``backend``: ``"exact"`` (chunked matmul), ``"faiss"`` (``IndexFlatIP``; an error when faiss
+        is not installed) or ``"auto"``: faiss when it is installed and the index holds at least
+        ``faiss_threshold`` images, exact otherwise. Both give the same ranking up to float error.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        if not self.records:
+            raise ValueError(f"index '{self.directory}' holds no images: add some with "
+                             f"`beit3 search index --index {self.directory} FOLDER...`")
+        queries = queries.float().cpu().reshape(-1, self.embeddings.shape[1])
+        use_faiss = backend == "faiss" or (
+            backend == "auto" and len(self) >= faiss_threshold and faiss_available())
+        scores, rows = (faiss_top_k if use_faiss else exact_top_k)(self.embeddings, queries, k)
+        return [[SearchHit(rank + 1, self.records[row].path, score)
+                 for rank, (score, row) in enumerate(zip(query_scores.tolist(), query_rows.tolist()))]
+                for query_scores, query_rows in zip(scores, rows)]
+
+    def search_text(self, text: str, k: int = 5, **options: Any) -> list[SearchHit]:
+        """The ``k`` images closest to ``text``; ``options`` as in :meth:`search`."""
+        return self.search(self.encoder.embed_texts([text]), k, **options)[0]
+
+    def search_image(self, image: ImageInput, k: int = 5, **options: Any) -> list[SearchHit]:
+        """The ``k`` images closest to ``image`` (a path, PIL image, array ...)."""
+        return self.search(self.encoder.embed_images([image]), k, **options)[0]
+
+    # ------------------------------------------------------------------------------- storage
+    def _load(self) -> None:
+        meta_file = self.directory / INDEX_FILE
+        try:
+            meta = json.loads(meta_file.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format version {meta.get('format_version')}, this beit3 reads {FORMAT_VERSION}")
+            records = [FileRecord(**json.loads(line))
+                       for line in (self.directory / meta["manifest"]).read_text().splitlines()]
+            embeddings = load_file(self.directory / meta["embeddings"])["embeddings"]
+            if not len(records) == embeddings.shape[0] == meta["count"]:
+                raise ValueError(f"{len(records)} manifest lines, {embeddings.shape[0]} embeddings, "
+                                 f"count {meta['count']}")
+            self.model_identity = ModelIdentity(**meta["model"])
+            self.skipped = {s["path"]: SkippedFile(FileRecord(s["path"], s["size"], s["mtime_ns"]), s["reason"])
+                            for s in meta["skipped"]}
+            self.generation, self.recorded_tokenizer, self.roots = meta["generation"], meta["tokenizer"], meta["roots"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"index '{self.directory}' is damaged ({err!r}): delete the folder and build "
+                             "it again with `beit3 search index`") from None
+        self.records, self.embeddings = records, embeddings
+
+    def _save(self, *, records: list[FileRecord], embeddings: torch.Tensor, roots: list[str],
+              skipped: dict[str, SkippedFile]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        generation = self.generation + 1
+        embeddings_name = f"embeddings.{generation}.safetensors"
+        manifest_name = f"manifest.{generation}.jsonl"
+        embeddings = embeddings.contiguous()
+        _write_atomic(self.directory / embeddings_name,
+                      lambda tmp: save_file({"embeddings": embeddings}, tmp))
+        _write_atomic(self.directory / manifest_name,
+                      lambda tmp: Path(tmp).write_text("".join(json.dumps(asdict(r)) + "\n" for r in records)))
+        tokenizer = self._tokenizer_path or self.recorded_tokenizer
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": asdict(self.model_identity),
+            "tokenizer": tokenizer,
+            "roots": roots,
+            "count": len(records),
+            "embedding_dim": embeddings.shape[1],
+            "dtype": "float32",
+            "generation": generation,
+            "embeddings": embeddings_name,
+            "manifest": manifest_name,
+            "skipped": [{**asdict(s.record), "reason": s.reason} for s in skipped.values()],
+        }
+        _write_atomic(self.directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        # index.json now names this generation; older ones (and leftovers of a crashed save) go.
+        for pattern in ("embeddings.*.safetensors", "manifest.*.jsonl"):
+            for old in self.directory.glob(pattern):
+                if old.name not in (embeddings_name, manifest_name):
+                    old.unlink(missing_ok=True)
+        self.generation, self.records, self.embeddings = generation, records, embeddings
+        self.roots, self.skipped, self.recorded_tokenizer = roots, skipped, tokenizer
+
+
+def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(temporary_path)``, flush it to disk, then rename over ``path``: readers see the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _report(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)  # above any progress bar, not through it
+
+
+def _list_image_files(roots: Sequence[str]) -> tuple[dict[str, FileRecord], list[str]]:
+    """Image files under ``roots`` by path (folders recursively, hidden names skipped; a root that
+    is a file is taken whatever its suffix), and the roots that no longer exist."""
+    paths: list[str] = []
+    missing = []
+    for root in roots:
+        if os.path.isfile(root):
+            paths.append(root)
+        elif os.path.isdir(root):
+            for folder, subfolders, files in os.walk(root):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                paths += [os.path.join(folder, name) for name in files
+                          if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+        else:
+            missing.append(root)
+    found = {}
+    for path in sorted(set(paths)):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue  # vanished while listing
+        found[path] = FileRecord(path, stat.st_size, stat.st_mtime_ns)
+    return found, missing
+
+
+class _ImageFiles(Dataset):
+    """Image files -> ``(position, pixels, None)``, or ``(position, None, reason)`` when unreadable."""
+
+    def __init__(self, paths: list[str], processor: Beit3ImageProcessor) -> None:
+        self.paths = paths
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        path = self.paths[position]
+        try:
+            return position, self.processor.preprocess(path), None
+        except Exception as err:  # decoders raise many types on malformed files; one must not stop a run
+            reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+            if path not in reason:
+                reason = f"cannot read image '{path}': {reason}"
+            return position, None, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+INDEX_EXAMPLES = """examples:
+  beit3 search index --model runs/coco_retrieval/final --index photos.index ~/Pictures
+  beit3 search index --index photos.index                      # refresh: embed new and changed images
+  beit3 search index --index photos.index ~/Downloads/cats     # add a folder
+  beit3 search index --model beit3_base_patch16_384_coco_retrieval.pth --tokenizer beit3.spm \\
+      --index coco.index --device cuda --batch-size 128 --workers 8 val2014/
+"""
+
+QUERY_EXAMPLES = """examples:
+  beit3 search query --index photos.index --text "a dog running on the beach"
+  beit3 search query --index photos.index --image query.jpg -k 10 --output hits.csv
+  beit3 search query --index photos.index --text "red car" --text "blue car" --output hits.json
+  beit3 search query --index coco.index --text "a train" --backend faiss
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    search = subparsers.add_parser(
+        "search", help="index folders of images with a retrieval model and search them by text or image",
+        description="Embed folders of images once with an image-text retrieval model (index), then find the "
+        "images closest to a text or an image (query).",
+        epilog="examples:\n  beit3 search index --model runs/coco_retrieval/final --index photos.index ~/Pictures\n"
+        "  beit3 search query --index photos.index --text \"a dog on a beach\"\n\n"
+        "Run 'beit3 search index --help' and 'beit3 search query --help' for their options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = search.add_subparsers(dest="action", metavar="<action>", required=True)
+
+    index = actions.add_parser(
+        "index", help="embed new and changed images into an index folder",
+        description="Embed the images under FOLDERs (recursively; hidden files skipped) into INDEX_DIR. The "
+        "index remembers its folders: a rerun embeds only new and changed files (by size and mtime), drops "
+        "vanished ones and retries unreadable files only once they change. Unreadable files are reported on "
+        "stderr, one line each. Progress is saved every few minutes and on Ctrl-C.",
+        epilog=INDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    index.add_argument("folders", nargs="*", metavar="FOLDER", help="image folders or files to add (default: "
+                       "the index's own, refreshed)")
+    index.add_argument("--index", required=True, type=Path, metavar="INDEX_DIR", help="the index folder")
+    index.add_argument("--model", type=Path, help="retrieval model folder or checkpoint file (required for a new "
+                       "index; for an existing one it must be the model the index was built with)")
+    index.add_argument("--tokenizer", type=Path, help="tokenizer for later text queries, recorded in the index "
+                       "(default: the model folder's)")
+    _add_run_options(index)
+    index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="processes decoding images (default: %(default)s; 0 decodes in the main process)")
+    index.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
+                       help="save progress this often during long runs (default: %(default)s)")
+    index.set_defaults(func=run_index)
+
+    query = actions.add_parser(
+        "query", help="find the images closest to a text or an image",
+        description="Rank the indexed images by cosine similarity to each query (a text, an image, or several) "
+        "and print a table; --output also writes the hits as JSON or CSV.",
+        epilog=QUERY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    query.add_argument("--index", required=True, type=Path, metavar="INDEX_DIR", help="the index folder")
+    query.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
+    query.add_argument("--image", action="append", default=[], type=Path, help="an image query (repeatable)")
+    query.add_argument("-k", type=int, default=5, help="hits per query (default: %(default)s)")
+    query.add_argument("--output", type=Path, help="also write the hits to this .json or .csv file")
+    query.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="exact: one chunked matmul; faiss: IndexFlatIP (needs faiss-cpu); auto (default): "
+                       "faiss when installed and the index is large")
+    query.add_argument("--faiss-threshold", type=int, default=DEFAULT_FAISS_THRESHOLD, metavar="N",
+                       help="auto uses faiss from this many images on (default: %(default)s)")
+    query.add_argument("--model", type=Path, help="the index's model at another path (default: the recorded one)")
+    query.add_argument("--tokenizer", type=Path, help="tokenizer for text queries (default: the recorded one)")
+    _add_run_options(query)
+    query.set_defaults(func=run_query)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_index(args: argparse.Namespace) -> int:
+    index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=args.device)
+    report = index.update(args.folders, batch_size=args.batch_size, num_workers=args.workers,
+                          progress=not args.no_progress, checkpoint_interval=args.checkpoint_interval)
+    print(f"index '{args.index}': {len(index)} images ({len(report.added)} added, {len(report.changed)} "
+          f"changed, {len(report.removed)} removed, {report.unchanged} unchanged)")
+    if report.skipped:
+        print(f"{len(report.skipped)} unreadable files skipped (listed above); they are retried once they change")
+    if report.skipped_before:
+        print(f"{report.skipped_before} files unreadable in an earlier run and unchanged since were not retried "
+              f"(listed in {args.index / INDEX_FILE})")
+    return 0
+
+
+def run_query(args: argparse.Namespace) -> int:
+    if not args.text and not args.image:
+        raise ValueError("nothing to search for: give --text \"...\" or --image PATH")
+    if args.output is not None and args.output.suffix.lower() not in (".json", ".csv"):
+        raise ValueError(f"--output must end in .json or .csv, got '{args.output}'")
+    index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=args.device)
+    queries = [("text", text) for text in args.text] + [("image", str(path)) for path in args.image]
+    embeddings = []
+    if args.text:
+        embeddings += [index.encoder.embed_texts(args.text[i:i + args.batch_size])
+                       for i in range(0, len(args.text), args.batch_size)]
+    if args.image:
+        embeddings += [index.encoder.embed_images(args.image[i:i + args.batch_size])
+                       for i in range(0, len(args.image), args.batch_size)]
+    hits = index.search(torch.cat(embeddings), args.k, backend=args.backend, faiss_threshold=args.faiss_threshold)
+    for (kind, query), query_hits in zip(queries, hits):
+        print(f"{kind}: {query}")
+        print(f"  {'rank':>4}  {'score':>7}  path")
+        for hit in query_hits:
+            print(f"  {hit.rank:>4}  {hit.score:>7.4f}  {hit.path}")
+    if args.output is not None:
+        write_hits(args.output, queries, hits)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def write_hits(path: Path, queries: Sequence[tuple[str, str]], hits: Sequence[Sequence[SearchHit]]) -> None:
+    """JSON: one object per query with its hits; CSV: one row per hit (kind, query, rank, score, path)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        records = [{"kind": kind, "query": query, "hits": [asdict(hit) for hit in query_hits]}
+                   for (kind, query), query_hits in zip(queries, hits)]
+        path.write_text(json.dumps(records, indent=2) + "\n")
+        return
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["kind", "query", "rank", "score", "path"])
+        for (kind, query), query_hits in zip(queries, hits):
+            writer.writerows([kind, query, hit.rank, f"{hit.score:.6f}", hit.path] for hit in query_hits)

@@ -1,0 +1,316 @@
+import csv
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from beit3.cli import main
+from beit3.config import Beit3Config
+from beit3.models import Beit3ForImageTextRetrieval
+from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
+from beit3.tasks import search
+from beit3.tasks.search import ImageIndex, exact_top_k, faiss_available
+
+SPM = Path(__file__).parents[1] / "processing" / "data" / "bpe_external.model"
+
+
+def save_model(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    Beit3ForImageTextRetrieval(Beit3Config.from_preset("tiny")).save_pretrained(folder)
+    Beit3Tokenizer(SPM).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("model"), seed=0)
+
+
+def save_noise(path: Path, seed: int, size=(30, 20)) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "trip").mkdir(parents=True)
+    for i in range(3):
+        save_noise(folder / f"{i}.png", seed=i, size=(20 + 7 * i, 30 + 5 * i))
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(folder / "trip" / "red.jpg")
+    (folder / "notes.txt").write_text("not an image, and not named like one: ignored")
+    (folder / ".hidden.png").write_bytes(b"")  # hidden: ignored
+    return folder
+
+
+def reference_embeddings(model_dir: Path, paths) -> torch.Tensor:
+    model = Beit3ForImageTextRetrieval.from_pretrained(model_dir).eval()
+    pixels = Beit3ImageProcessor.for_task("retrieval", model.config.image_size)([str(p) for p in paths])
+    with torch.no_grad():
+        return model.encode_image(pixels["pixel_values"])
+
+
+def count_embedded(index: ImageIndex) -> list[int]:
+    """Batch sizes of every image-tower call from now on."""
+    calls: list[int] = []
+    encode = index.encoder.model.encode_image
+    index.encoder.model.encode_image = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    return calls
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A 1-bit PNG claiming width x height with (almost) no pixel data: a decompression bomb's
+    header, written in microseconds."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_index_stores_encode_image_embeddings_with_a_manifest(tmp_path, model_dir, photos):
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    report = index.update([photos], batch_size=3, progress=False)
+
+    expected_paths = sorted(str(p) for p in [*photos.glob("?.png"), photos / "trip" / "red.jpg"])
+    assert sorted(report.added) == expected_paths and report.skipped == []
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    manifest = [json.loads(line) for line in (tmp_path / "idx" / meta["manifest"]).read_text().splitlines()]
+    assert [row["path"] for row in manifest] == expected_paths
+    assert manifest[0]["size"] == os.stat(expected_paths[0]).st_size
+    assert manifest[0]["mtime_ns"] == os.stat(expected_paths[0]).st_mtime_ns
+    stored = load_file(tmp_path / "idx" / meta["embeddings"])["embeddings"]
+    assert stored.dtype == torch.float32
+    torch.testing.assert_close(stored, reference_embeddings(model_dir, expected_paths), atol=1e-5, rtol=1e-5)
+    assert meta["model"]["path"] == str(model_dir) and len(meta["model"]["sha256"]) == 64
+
+    reopened = ImageIndex(tmp_path / "idx")  # from disk, the model found through the index
+    torch.testing.assert_close(reopened.embeddings, stored)
+    assert [r.path for r in reopened.records] == expected_paths
+
+
+def test_an_indexed_image_finds_itself_first_with_score_one(tmp_path, model_dir, photos):
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    index.update([photos], progress=False)
+    for path in [photos / "1.png", photos / "trip" / "red.jpg"]:
+        hits = index.search_image(path, k=3)
+        assert hits[0].path == str(path) and hits[0].rank == 1
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_text_query_scores_are_the_cosine_similarities(tmp_path, model_dir, photos):
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    index.update([photos], progress=False)
+    hits = index.search_text("a red square", k=10)
+
+    model = Beit3ForImageTextRetrieval.from_pretrained(model_dir).eval()
+    tokens = Beit3Tokenizer.from_pretrained(model_dir)(["a red square"], max_length=64)
+    paths = [r.path for r in index.records]
+    with torch.no_grad():
+        text = model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
+    expected = reference_embeddings(model_dir, paths) @ text
+    assert len(hits) == 4  # k is capped at the collection size
+    assert [h.path for h in hits] == [paths[i] for i in expected.argsort(descending=True)]
+    assert [h.score for h in hits] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)
+
+
+def test_exact_top_k_in_chunks_equals_a_full_sort():
+    embeddings = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0], [0.8, -0.6]])
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # query 0 scores 1, .6, 0, -1, .8 ; query 1 scores 0, .8, 1, 0, -.6
+    for chunk_rows in (1, 2, 5, 100):
+        scores, rows = exact_top_k(embeddings, queries, k=3, chunk_rows=chunk_rows)
+        assert rows.tolist() == [[0, 4, 1], [2, 1, 0]] or rows.tolist() == [[0, 4, 1], [2, 1, 3]]
+        torch.testing.assert_close(scores, torch.tensor([[1.0, 0.8, 0.6], [1.0, 0.8, 0.0]]))
+
+
+def test_reindexing_embeds_only_new_and_changed_files(tmp_path, model_dir, photos):
+    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], progress=False)
+
+    index = ImageIndex(tmp_path / "idx")
+    calls = count_embedded(index)
+    report = index.update(progress=False)  # nothing changed: the recorded folder is refreshed
+    assert calls == [] and report.unchanged == 4 and report.added == report.changed == report.removed == []
+
+    save_noise(photos / "trip" / "new.png", seed=10)
+    save_noise(photos / "0.png", seed=11, size=(25, 25))  # same name, new content
+    os.remove(photos / "2.png")
+    report = index.update(progress=False)
+    assert sum(calls) == 2
+    assert report.added == [str(photos / "trip" / "new.png")] and report.changed == [str(photos / "0.png")]
+    assert report.removed == [str(photos / "2.png")] and report.unchanged == 2
+
+    reopened = ImageIndex(tmp_path / "idx")
+    by_path = dict(zip((r.path for r in reopened.records), reopened.embeddings))
+    expected_paths = sorted(str(p) for p in [photos / "0.png", photos / "1.png", photos / "trip" / "new.png",
+                                             photos / "trip" / "red.jpg"])
+    assert sorted(by_path) == expected_paths
+    reference = reference_embeddings(model_dir, expected_paths)
+    torch.testing.assert_close(torch.stack([by_path[p] for p in expected_paths]), reference, atol=1e-5, rtol=1e-5)
+    assert reopened.search_image(photos / "0.png", k=1)[0].path == str(photos / "0.png")
+    assert len(list((tmp_path / "idx").glob("embeddings.*"))) == 1  # older generations are deleted
+
+
+def test_an_interrupted_run_keeps_its_progress_and_the_rerun_resumes(tmp_path, model_dir, photos):
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    encode = index.encoder.model.encode_image
+    calls = []
+
+    def interrupted_on_second_batch(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(pixels)
+
+    index.encoder.model.encode_image = interrupted_on_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        index.update([photos], batch_size=2, progress=False)
+    assert len(ImageIndex(tmp_path / "idx")) == 2  # the first batch was saved on the way out
+
+    index = ImageIndex(tmp_path / "idx")
+    calls = count_embedded(index)
+    report = index.update(progress=False)
+    assert calls == [2] and report.unchanged == 2 and len(report.added) == 2 and len(index) == 4
+
+
+def test_bad_files_are_reported_skipped_and_retried_only_once_changed(tmp_path, model_dir, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = save_noise(folder / "good.png", seed=0)
+    truncated = save_noise(folder / "truncated.jpg", seed=1, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("hello, I am not a JPEG")
+    huge = png_header(folder / "huge.png", 20000, 20000)
+
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    calls = count_embedded(index)
+    report = index.update([folder], batch_size=2, progress=False)
+
+    assert [r.path for r in index.records] == [str(good)] and sum(calls) == 1
+    assert report.added == [str(good)]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4
+    for name, why in [("truncated.jpg", "truncated"), ("empty.png", "empty"), ("text.jpg", "not an image"),
+                      ("huge.png", "pixels")]:
+        (line,) = [line for line in lines if name in line]
+        assert str(folder / name) in line and why in line
+    assert sorted(s.record.path for s in report.skipped) == sorted(str(folder / n) for n in
+                                                                   ["truncated.jpg", "empty.png", "text.jpg", "huge.png"])
+
+    report = ImageIndex(tmp_path / "idx").update(progress=False)  # unchanged bad files are not read again
+    assert report.skipped == [] and report.skipped_before == 4 and capsys.readouterr().err == ""
+
+    save_noise(folder / "empty.png", seed=5)  # fixed
+    index = ImageIndex(tmp_path / "idx")
+    calls = count_embedded(index)
+    report = index.update(progress=False)
+    assert sum(calls) == 1 and report.added == [str(folder / "empty.png")] and report.skipped_before == 3
+    assert sorted(r.path for r in index.records) == [str(folder / "empty.png"), str(good)]
+
+
+def test_another_model_is_an_error_naming_both(tmp_path, photos):
+    model = save_model(tmp_path / "model", seed=0)
+    ImageIndex(tmp_path / "idx", model=model).update([photos], progress=False)
+    other = save_model(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError) as err:
+        ImageIndex(tmp_path / "idx", model=other)
+    assert f"built with model '{model}'" in str(err.value) and f"not with '{other}'" in str(err.value)
+    assert f"beit3 search index --model {other}" in str(err.value)
+
+    save_model(model, seed=2)  # retrained in place: same path, other weights
+    with pytest.raises(ValueError, match=f"the model at '{model}' has changed since"):
+        ImageIndex(tmp_path / "idx").search_text("red")
+
+
+@pytest.mark.parametrize("failing_write", [1, 2, 3])
+def test_an_interrupted_save_leaves_the_previous_index(tmp_path, model_dir, photos, monkeypatch, failing_write):
+    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], progress=False)
+    before = ImageIndex(tmp_path / "idx")
+    save_noise(photos / "late.png", seed=20)
+    os.remove(photos / "1.png")
+
+    real_write = search._write_atomic
+    writes = []
+
+    def crash_midway(path, write):
+        writes.append(path)
+        if len(writes) == failing_write:  # the temporary file is half written when the "crash" comes
+            def half(tmp):
+                write(tmp)
+                Path(tmp).write_bytes(Path(tmp).read_bytes()[:20])
+                raise OSError("disk full")
+            return real_write(path, half)
+        return real_write(path, write)
+
+    monkeypatch.setattr(search, "_write_atomic", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        ImageIndex(tmp_path / "idx").update(progress=False)
+    monkeypatch.undo()
+
+    after = ImageIndex(tmp_path / "idx")
+    assert after.records == before.records
+    torch.testing.assert_close(after.embeddings, before.embeddings)
+    assert after.search_image(photos / "0.png", k=1)[0].path == str(photos / "0.png")
+    assert not list((tmp_path / "idx").glob("*.tmp-*"))
+    after.update(progress=False)  # the next run completes the update
+    assert str(photos / "late.png") in {r.path for r in after.records}
+
+
+def test_faiss_backend_matches_exact_or_says_how_to_install_it(tmp_path, model_dir, photos):
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    index.update([photos], progress=False)
+    exact = index.search_text("red", k=3, backend="exact")
+    if faiss_available():
+        hits = index.search_text("red", k=3, backend="faiss")
+        assert [h.path for h in hits] == [h.path for h in exact]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in exact], abs=1e-5)
+    else:
+        with pytest.raises(ValueError, match="pip install faiss-cpu.*--backend exact"):
+            index.search_text("red", k=3, backend="faiss")
+        # auto falls back to the exact search, whatever the threshold
+        assert index.search_text("red", k=3, backend="auto", faiss_threshold=1) == exact
+
+
+def test_cli_index_and_query_with_table_json_and_csv(tmp_path, model_dir, photos, capsys):
+    idx = str(tmp_path / "idx")
+    assert main(["search", "index", "--model", str(model_dir), "--index", idx, str(photos),
+                 "--workers", "0", "--no-progress", "--device", "cpu"]) == 0
+    assert "4 images (4 added" in capsys.readouterr().out
+
+    query = photos / "trip" / "red.jpg"
+    assert main(["search", "query", "--index", idx, "--image", str(query), "--text", "a red square", "-k", "2",
+                 "--output", str(tmp_path / "hits.json"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "text: a red square" in out and f"image: {query}" in out and "rank" in out
+    records = json.loads((tmp_path / "hits.json").read_text())
+    assert [r["kind"] for r in records] == ["text", "image"] and all(len(r["hits"]) == 2 for r in records)
+    assert records[1]["hits"][0]["path"] == str(query) and records[1]["hits"][0]["score"] == pytest.approx(1, abs=1e-5)
+
+    assert main(["search", "query", "--index", idx, "--text", "red", "--output", str(tmp_path / "hits.csv"),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((tmp_path / "hits.csv").open()))
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"] and rows[0]["kind"] == "text"
+
+
+def test_cli_errors_say_what_to_do(tmp_path, model_dir, capsys):
+    assert main(["search", "query", "--index", str(tmp_path / "none"), "--text", "x"]) == 1
+    err = capsys.readouterr().err
+    assert f"no index at '{tmp_path / 'none'}'" in err and "beit3 search index --model" in err
+    assert main(["search", "index", "--model", str(model_dir), "--index", str(tmp_path / "i"),
+                 str(tmp_path / "missing"), "--no-progress"]) == 1
+    assert "no such image file or folder" in capsys.readouterr().err
+    for action in ("index", "query"):
+        with pytest.raises(SystemExit):
+            main(["search", action, "--help"])
+        assert "examples:" in capsys.readouterr().out
