@@ -159,3 +159,31 @@ def test_cli_extend_resizes_the_model_keeping_old_rows(english_tokenizer, corpor
     # the output directory is complete: tokenizer and image pipeline travel with the model
     assert Beit3Tokenizer.from_pretrained(tmp_path / "resized").vocab_size == 342
     assert Beit3ImageProcessor.from_pretrained(tmp_path / "resized").image_size == 32
+
+
+def test_bpe_keeps_whole_words_where_unigram_keeps_fragments(tmp_path):
+    """A tiny closed language (the synthetic world's case): unigram training caps the vocabulary
+    below the word count and spells words out; BPE with more pieces keeps every word whole."""
+    from beit3.data.synthetic.language import captions
+    from beit3.data.synthetic.scene import random_scene
+    import random
+
+    rng = random.Random(0)
+    lines = [text for _ in range(400) for text in captions(random_scene(rng), rng, 2)]
+    corpus = tmp_path / "world.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    words = {word.strip(",.") for line in lines for word in line.split()}
+    bpe = train_tokenizer([corpus], 200, progress=False, num_threads=1, model_type="bpe")
+    whole = [w for w in words if len(bpe.tokenize(w)) == 1]
+    assert len(whole) >= 0.9 * len(words), sorted(words - set(whole))
+    assert "▁yellow" in bpe.tokenize("a yellow circle")
+    with pytest.raises(ValueError, match="model_type"):
+        train_tokenizer([corpus], 50, progress=False, model_type="wordpiece")
+
+
+def test_cli_trains_bpe(corpora, tmp_path):
+    out = tmp_path / "tok"
+    assert _cli(["tokenizer", "train", "--input", str(corpora / "en.txt"), "--vocab-size", "200",
+                 "--model-type", "bpe", "--num-threads", "1", "--output", str(out)]) == 0
+    proto = spm.SentencePieceProcessor(model_file=str(next(out.glob("*.model"))))
+    assert proto.get_piece_size() == 200

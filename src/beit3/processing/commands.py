@@ -21,6 +21,10 @@ examples:
   # Chinese/Japanese-heavy text: cover fewer rare characters, sample 5M lines of a huge corpus
   beit3 tokenizer train --input zh.txt --vocab-size 64000 --output zh_tok \\
       --character-coverage 0.9995 --max-sentences 5000000
+
+  # the synthetic world's ~50-word language: BPE keeps whole words as pieces
+  beit3 tokenizer train --input data/synthetic/corpus.txt --vocab-size 200 --model-type bpe \
+      --output data/synthetic/tokenizer
 """
 
 EXTEND_EXAMPLES = """\
@@ -56,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="SentencePiece pieces (the official model has 64000); ids = this + 2")
     train.add_argument("--output", required=True, metavar="DIR", help="directory to write the tokenizer to")
     _add_corpus_options(train)
+    train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram",
+                       help="SentencePiece model: unigram as the release (default), or bpe for a corpus with "
+                            "few distinct words (the synthetic world), where unigram keeps character fragments")
     train.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
     train.set_defaults(func=_run_train)
 
@@ -91,7 +98,7 @@ def _run_train(args: argparse.Namespace) -> int:
     tokenizer = train_tokenizer(args.input, args.vocab_size, args.output,
                                 character_coverage=args.character_coverage,
                                 max_sentences=args.max_sentences, num_threads=args.num_threads,
-                                verbose=args.verbose)
+                                verbose=args.verbose, model_type=args.model_type)
     print(f"saved {tokenizer!r} to {args.output}")
     return 0
 

@@ -24,6 +24,7 @@ from beit3.processing.tokenizer import Beit3Tokenizer
 
 # SentencePiece drops (with only a log line) every sentence longer than this many bytes.
 MAX_SENTENCE_BYTES = 4192
+MODEL_TYPES = ("unigram", "bpe")
 
 
 def split_long_line(line: str, max_bytes: int = MAX_SENTENCE_BYTES) -> list[str]:
@@ -89,15 +90,15 @@ class _Corpus:
                             yield chunk
 
 
-def _train_unigram(corpus: _Corpus, vocab_size: int, *, character_coverage: float,
-                   max_sentences: int, num_threads: int, hard_vocab_limit: bool,
-                   verbose: bool) -> bytes:
+def _train_sentencepiece(corpus: _Corpus, vocab_size: int, *, character_coverage: float,
+                         max_sentences: int, num_threads: int, hard_vocab_limit: bool,
+                         verbose: bool, model_type: str = "unigram") -> bytes:
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(corpus),
             model_writer=writer,
-            model_type="unigram",
+            model_type=model_type,
             vocab_size=vocab_size,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # XLM-R layout; <pad> is added by the tokenizer
             character_coverage=character_coverage,
@@ -145,8 +146,9 @@ def train_tokenizer(
     progress: bool = True,
     verbose: bool = False,
     max_line_bytes: int = MAX_SENTENCE_BYTES,
+    model_type: str = "unigram",
 ) -> Beit3Tokenizer:
-    """Train a unigram SentencePiece tokenizer with the BEiT-3 special-id layout.
+    """Train a SentencePiece tokenizer with the BEiT-3 special-id layout (unigram, as the release).
 
     Args:
         input_files: UTF-8 text files, one sentence or paragraph a line.
@@ -160,15 +162,21 @@ def train_tokenizer(
         progress: show a progress bar while reading the corpus.
         verbose: print SentencePiece's own log (EM iterations) during training.
         max_line_bytes: lines longer than this are split (not dropped, as SentencePiece would).
+        model_type: ``"unigram"`` (the release's) or ``"bpe"``. On a corpus with very few distinct
+            words (the synthetic world has ~50) unigram training caps the vocabulary below the
+            word count and keeps character fragments ("yellow" -> y/e/ll/ow), which turns masked
+            language modeling into spelling; BPE merges those words into whole pieces.
     """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
     if vocab_size < 8:
         raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
     corpus = _Corpus(_check_inputs(input_files), progress, max_line_bytes)
-    proto = _train_unigram(corpus, vocab_size, character_coverage=character_coverage,
-                           max_sentences=max_sentences, num_threads=num_threads or os.cpu_count() or 1,
-                           hard_vocab_limit=True, verbose=verbose)
+    proto = _train_sentencepiece(corpus, vocab_size, character_coverage=character_coverage,
+                                 max_sentences=max_sentences, num_threads=num_threads or os.cpu_count() or 1,
+                                 hard_vocab_limit=True, verbose=verbose, model_type=model_type)
     if progress:
-        print(f"trained a {vocab_size}-piece unigram model on {corpus.num_sentences} sentences "
+        print(f"trained a {vocab_size}-piece {model_type} model on {corpus.num_sentences} sentences "
               f"({corpus.num_split_lines} long lines split)", file=sys.stderr)
     tokenizer = Beit3Tokenizer.from_serialized(proto, source="trained model")
     if output_dir is not None:
@@ -272,9 +280,9 @@ def extend_tokenizer(
                          "log-probability); this tokenizer uses another model type")
     corpus = _Corpus(_check_inputs(input_files), progress, MAX_SENTENCE_BYTES)
     # Ask for headroom: part of what the new corpus learns is already in the old vocabulary.
-    proto = _train_unigram(corpus, 3 * num_new_pieces + 3, character_coverage=character_coverage,
-                           max_sentences=max_sentences, num_threads=num_threads or os.cpu_count() or 1,
-                           hard_vocab_limit=False, verbose=False)
+    proto = _train_sentencepiece(corpus, 3 * num_new_pieces + 3, character_coverage=character_coverage,
+                                 max_sentences=max_sentences, num_threads=num_threads or os.cpu_count() or 1,
+                                 hard_vocab_limit=False, verbose=False)
     learnt = spm.SentencePieceProcessor(model_proto=proto)
     old = spm.SentencePieceProcessor(model_proto=base.model_proto)
     candidates = []
