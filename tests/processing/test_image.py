@@ -246,3 +246,19 @@ def test_for_task_and_save_load(tmp_path):
         Beit3ImageProcessor.from_dict({"image_size": 224, "resample": "nearest"})
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         Beit3ImageProcessor.from_pretrained(tmp_path / "nothing")
+
+
+def test_horizontal_flip_can_be_turned_off_and_round_trips():
+    """Training without flips keeps left and right (the synthetic world's labels say which)."""
+    left_red = np.zeros((32, 32, 3), np.uint8)
+    left_red[:, :16, 0] = 255
+    processor = Beit3ImageProcessor(32, "vl", train=True, randaug=False, crop_scale=(1.0, 1.0), horizontal_flip=False)
+    for _ in range(20):
+        pixels = processor(Image.fromarray(left_red))["pixel_values"][0]
+        assert pixels[0, :, :8].mean() > pixels[0, :, -8:].mean()
+    restored = Beit3ImageProcessor.from_dict(processor.to_dict())
+    assert restored.horizontal_flip is False
+    flipping = Beit3ImageProcessor(32, "vl", train=True, randaug=False, crop_scale=(1.0, 1.0))
+    torch.manual_seed(0)
+    sides = {bool(flipping(Image.fromarray(left_red))["pixel_values"][0, 0, :, :8].mean() > 0) for _ in range(20)}
+    assert sides == {True, False}

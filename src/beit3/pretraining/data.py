@@ -41,16 +41,18 @@ class MaskingOptions:
 
 
 def pretraining_transform(image_size: int, train: bool, crop_scale: Sequence[float] = (0.2, 1.0),
-                          color_jitter: float = 0.4) -> T.Compose:
+                          color_jitter: float = 0.4, horizontal_flip: bool = True) -> T.Compose:
     """BEiT's augmentation (colour jitter, flip, random resized crop; paper Table 11) or a plain resize.
 
     One view serves both the backbone and the visual tokenizer: both read [-1, 1] pixels, so
-    crop, flip and jitter are shared exactly as in BEiT v2's two-view pipeline.
+    crop, flip and jitter are shared exactly as in BEiT v2's two-view pipeline. Captions that say
+    "left of" are false after a flip; ``horizontal_flip=False`` for data whose text says it.
     """
     bicubic = T.InterpolationMode.BICUBIC
     if train:
         steps: list[Any] = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
-        steps += [T.RandomHorizontalFlip(), T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)]
+        steps += [T.RandomHorizontalFlip()] if horizontal_flip else []
+        steps += [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)]
     else:
         steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -68,13 +70,13 @@ class MaskedDataModelingDataset(Dataset):
     def __init__(self, images: tuple[Any, list[Any]], texts: tuple[Any, list[Any]], pairs: tuple[Any, list[Any]],
                  tokenizer: Any, *, image_size: int, patch_size: int, options: MaskingOptions = MaskingOptions(),
                  train: bool = True, seed: int = 0, crop_scale: Sequence[float] = (0.2, 1.0),
-                 color_jitter: float = 0.4) -> None:
+                 color_jitter: float = 0.4, horizontal_flip: bool = True) -> None:
         for name, (_, refs) in (("images", images), ("texts", texts), ("pairs", pairs)):
             if not refs:
                 raise ValueError(f"the pretraining {name} source is empty")
         self.images, self.texts, self.pairs = images, texts, pairs
         self.tokenizer, self.options, self.train, self.seed = tokenizer, options, train, seed
-        self.transform = pretraining_transform(image_size, train, crop_scale, color_jitter)
+        self.transform = pretraining_transform(image_size, train, crop_scale, color_jitter, horizontal_flip)
         grid = image_size // patch_size
         self.masker = BlockMaskingGenerator.from_ratio(grid, options.image_mask_ratio,
                                                        min_num_patches=options.min_block_patches)

@@ -17,7 +17,8 @@ Relative paths are taken under ``data.root``.
 * ``val_size``: samples of each source held out for validation (default 32).
 * masking: ``text_mask_prob`` (0.15), ``pair_mask_prob`` (0.5), ``image_mask_ratio`` (0.4),
   ``min_block_patches`` (16), ``pair_mask_image`` (true), ``text_length`` (64), ``caption_length`` (32).
-* augmentation: ``crop_scale`` ([0.2, 1.0]), ``color_jitter`` (0.4).
+* augmentation: ``crop_scale`` ([0.2, 1.0]), ``color_jitter`` (0.4), ``horizontal_flip`` (true; the
+  synthetic recipe turns it off because its captions say "left of").
 * ``loss_weights``: per stream, default 1 each (``text_mlm``, ``pair_mlm``, ``image_mim``, ``pair_mim``).
 * ``visual_vocab_size`` is read off the tokenizer.
 
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
 _MASKING_KEYS = {f.name for f in dataclasses.fields(MaskingOptions)}
 _KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "vocab_size", "images", "pairs", "texts",
-                          "val_size", "crop_scale", "color_jitter", "loss_weights"}
+                          "val_size", "crop_scale", "color_jitter", "horizontal_flip", "loss_weights"}
 
 
 class MaskedDataModelingTask:
@@ -140,7 +141,8 @@ class MaskedDataModelingTask:
                       patch_size=cfg.model.image_size // self.visual_tokenizer.config.grid_size,
                       options=self.masking, seed=cfg.train.seed,
                       crop_scale=tuple(opts.get("crop_scale", (0.2, 1.0))),
-                      color_jitter=float(opts.get("color_jitter", 0.4)))
+                      color_jitter=float(opts.get("color_jitter", 0.4)),
+                      horizontal_flip=bool(opts.get("horizontal_flip", True)))
         train_set = MaskedDataModelingDataset(train["images"], train["texts"], train["pairs"], train=True, **common)
         val_set = MaskedDataModelingDataset(val["images"], val["texts"], val["pairs"], train=False, **common) \
             if val_size else None

@@ -152,6 +152,8 @@ class Beit3ImageProcessor:
         random_erasing: probability of random erasing when training; defaults 0.25 for imagenet
             and 0 for vl (the official VL recipe has none).
         mean, std: normalisation; defaults 0.5/0.5 for vl and ImageNet's for imagenet.
+        horizontal_flip: random flips when training (official); turn off when labels say "left"
+            or "right", as the synthetic world's questions and captions do.
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class Beit3ImageProcessor:
         random_erasing: float | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        horizontal_flip: bool = True,
     ) -> None:
         if mode not in ("vl", "imagenet"):
             raise ValueError(f"mode must be 'vl' or 'imagenet', got {mode!r}")
@@ -183,6 +186,7 @@ class Beit3ImageProcessor:
         self.random_erasing = float((0.0 if vl else 0.25) if random_erasing is None else random_erasing)
         self.mean = tuple(float(m) for m in (mean or (IMAGENET_INCEPTION_MEAN if vl else IMAGENET_DEFAULT_MEAN)))
         self.std = tuple(float(s) for s in (std or (IMAGENET_INCEPTION_STD if vl else IMAGENET_DEFAULT_STD)))
+        self.horizontal_flip = bool(horizontal_flip)
         self.transform = self._build()
 
     @classmethod
@@ -199,8 +203,8 @@ class Beit3ImageProcessor:
         bicubic = T.InterpolationMode.BICUBIC
         steps: list[Any]
         if self.train:
-            steps = [T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=bicubic),
-                     T.RandomHorizontalFlip()]
+            steps = [T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=bicubic)]
+            steps += [T.RandomHorizontalFlip()] if self.horizontal_flip else []
             if self.randaug:
                 steps.append(RandomAugment.blip() if self.mode == "vl"
                              else RandomAugment.timm_increasing(self.mean))
@@ -250,6 +254,7 @@ class Beit3ImageProcessor:
             "random_erasing": self.random_erasing,
             "mean": list(self.mean),
             "std": list(self.std),
+            "horizontal_flip": self.horizontal_flip,
         }
 
     @classmethod
@@ -257,7 +262,7 @@ class Beit3ImageProcessor:
         config = dict(config)
         config.pop("image_processor_class", None)
         known = {"image_size", "mode", "train", "crop_pct", "randaug", "crop_scale",
-                 "random_erasing", "mean", "std"}
+                 "random_erasing", "mean", "std", "horizontal_flip"}
         unknown = set(config) - known
         if unknown:
             raise ValueError(f"unknown image processor settings {sorted(unknown)}")

@@ -104,12 +104,12 @@ class CaptioningTask:
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
         o = self.options
         max_len = int(o["max_text_len"])
-        train_images = image_processor("captioning", cfg, True, randaug=bool(o["randaug"]))
+        train_images = image_processor("captioning", cfg, True, o, randaug=bool(o["randaug"]))
         train_collate = make_collator(self.tokenizer, train_images, max_len, task="captioning", train=True,
                                       captioning_mask_prob=float(o["mask_prob"]))
         train = ProcessedDataset(
             ImageTextDataset(index_files(cfg.data.root, o["train_index"] or "coco_captioning.train.jsonl")), train_collate)
-        val_collate = make_collator(self.tokenizer, image_processor("captioning", cfg, False), max_len, task="captioning")
+        val_collate = make_collator(self.tokenizer, image_processor("captioning", cfg, False, o), max_len, task="captioning")
         val = ProcessedDataset(ImageTextDataset(self.val_index()), val_collate)
         return train, val
 

@@ -92,9 +92,9 @@ class ImageClassificationTask:
         o = self.options
         train_raw = ImageClassificationDataset(index_files(cfg.data.root, o["train_index"] or "imagenet.train.index.jsonl"))
         val_raw = ImageClassificationDataset(index_files(cfg.data.root, o["val_index"] or "imagenet.val.index.jsonl"))
-        train_images = image_processor("classification", cfg, True, randaug=o["auto_augment"] is not None,
+        train_images = image_processor("classification", cfg, True, o, randaug=o["auto_augment"] is not None,
                                        random_erasing=float(o["reprob"]))
-        val_images = image_processor("classification", cfg, False)
+        val_images = image_processor("classification", cfg, False, o)
         # the image processor is itself a processor-like callable: images=[...] -> pixel_values
         return ProcessedDataset(train_raw, Collator(train_images)), ProcessedDataset(val_raw, Collator(val_images))
 

@@ -25,10 +25,14 @@ COMMON_OPTIONS: dict[str, Any] = {
     "tokenizer": None,
     "train_index": None,
     "val_index": None,
+    "horizontal_flip": True,
+    "crop_scale": None,
 }
 """Options every task accepts: ``tokenizer`` (a SentencePiece file or tokenizer folder; default:
 the ``model.pretrained`` folder), ``train_index`` / ``val_index`` (file names under ``data.root``,
-or lists of them, replacing the task's defaults; ``val_index: null`` keeps the default)."""
+or lists of them, replacing the task's defaults; ``val_index: null`` keeps the default),
+``horizontal_flip`` (random flips in training, the official default; off where labels say
+"left"/"right") and ``crop_scale`` (area range of the training crop; null: the official one)."""
 
 
 def parse_options(task: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,10 +104,14 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
     return model
 
 
-def image_processor(task: str, cfg: RunConfig, train: bool, **kwargs: Any) -> Beit3ImageProcessor:
-    """The official pipeline of ``task`` at ``model.image_size`` (training augmentation when ``train``)."""
+def image_processor(task: str, cfg: RunConfig, train: bool, options: Mapping[str, Any],
+                    **kwargs: Any) -> Beit3ImageProcessor:
+    """The official pipeline of ``task`` at ``model.image_size`` (training augmentation when
+    ``train``), with the common ``horizontal_flip`` / ``crop_scale`` options applied."""
     base = Beit3ImageProcessor.for_task(task, cfg.model.image_size, train=train)
-    return Beit3ImageProcessor(base.image_size, base.mode, train, randaug=kwargs.pop("randaug", base.randaug), **kwargs)
+    return Beit3ImageProcessor(base.image_size, base.mode, train, randaug=kwargs.pop("randaug", base.randaug),
+                               horizontal_flip=bool(options.get("horizontal_flip", True)),
+                               crop_scale=options.get("crop_scale"), **kwargs)
 
 
 class ProcessedDataset(Dataset):
@@ -190,7 +198,7 @@ class VisionLanguageTask:
 
     def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
         tokenizer = load_tokenizer(self.options, cfg)
-        images = image_processor(self.name, cfg, train, randaug=bool(self.options["randaug"]))
+        images = image_processor(self.name, cfg, train, self.options, randaug=bool(self.options["randaug"]))
         collate = make_collator(tokenizer, images, int(self.options["max_text_len"]), task=self.name,
                                 **self.collate_args())
         return ProcessedDataset(self.raw_dataset(index_files(cfg.data.root, names)), collate)
