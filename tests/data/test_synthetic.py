@@ -160,3 +160,13 @@ def test_nlvr2_needs_the_images_and_a_probe_learns_it():
     accuracy, chance = probe_accuracy(with_images, 2000, degree=2)
     assert chance == 0.5 and accuracy > 0.62
     assert probe_accuracy(words_only, 2000, degree=2)[0] < 0.56
+
+
+def test_corpus_holds_all_the_worlds_unlabelled_language(synthetic_world):
+    corpus = (synthetic_world / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    texts = (synthetic_world / "pretrain/texts.txt").read_text(encoding="utf-8").splitlines()
+    assert corpus[: len(texts)] == texts
+    rest = corpus[len(texts):]
+    assert any(line.endswith("?") for line in rest)  # VQA questions
+    assert any(line.startswith(("both images", "the left image", "the right image", "exactly one image"))
+               for line in rest)  # NLVR2 statements

@@ -265,6 +265,19 @@ class _World:
                      str(root / "texts" / "texts-{shard:06d}.tar"), size.shards, len(texts))
         (root / "texts.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
 
+    def corpus(self) -> None:
+        """``corpus.txt``: all the world's unlabelled language (texts, questions, statements) for the tokenizer."""
+        (self.out / "corpus.txt").write_text("".join(line + "\n" for line in _corpus_lines(self.out)), encoding="utf-8")
+
+
+def _corpus_lines(out: Path) -> Iterator[str]:
+    yield from (out / "pretrain" / "texts.txt").read_text(encoding="utf-8").splitlines()
+    for subset in ("train2014", "val2014"):
+        questions = json.loads((out / "coco" / "vqa" / f"v2_OpenEnded_mscoco_{subset}_questions.json").read_text())
+        yield from (q["question"] for q in questions["questions"])
+    yield from (json.loads(line)["sentence"] for line in
+                (out / "nlvr2" / "nlvr2" / "data" / "train.json").read_text(encoding="utf-8").splitlines())
+
 
 def generate(out: str | Path, *, size: str | WorldSize = "small", seed: int = 0, image_size: int = 64,
              build_indexes: bool = True) -> list[BuildReport]:
@@ -282,6 +295,7 @@ def generate(out: str | Path, *, size: str | WorldSize = "small", seed: int = 0,
     world.classes()
     world.detection()
     world.pretraining()
+    world.corpus()
     _write_json(out / "synthetic.json", {"seed": seed, "image_size": image_size, "size": asdict(world_size),
                                          "classes": CLASSES, "shapes": list(SHAPES), "colours": list(COLOURS)})
     if not build_indexes:
