@@ -1,0 +1,77 @@
+"""`beit3 demo --quick`: every stage of the default job runs and the report is complete (~1 min)."""
+from __future__ import annotations
+
+import json
+import math
+
+from PIL import Image
+
+from beit3.cli import main
+from beit3.demo.report import Series, line_chart, retrieval_grid
+
+TASKS = {"imagenet", "vqav2", "nlvr2", "retrieval", "captioning"}
+
+
+def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained" in printed and "scratch" in printed
+
+    report = out / "report"
+    results = json.loads((report / "results.json").read_text())
+    assert {row["task"] for row in results["tasks"]} == TASKS
+    for row in results["tasks"]:
+        assert math.isfinite(row["pretrained"]) and math.isfinite(row["scratch"]), row
+    # the table in results.md holds the same numbers as results.json
+    table = (report / "results.md").read_text()
+    for row in results["tasks"]:
+        assert f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} |" in table
+    for name in ("loss_curves.png", "captioning.png", "vqa.png", "retrieval.png"):
+        with Image.open(report / name) as image:
+            assert image.width > 200 and image.height > 200, name
+    # pretraining really ran: the held-out text loss fell well below ln(vocabulary), where it starts
+    pre = results["pretraining"]
+    vocabulary = results["plan"]["text_pieces"] + 2
+    assert pre["text_mlm_loss"] < math.log(vocabulary) - 0.5
+
+    # a second run finds every stage done and only rewrites the report
+    (report / "results.md").unlink()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("already done") == 14
+    assert (report / "results.md").read_text() == table
+
+
+def test_baselines_come_from_the_data(tmp_path):
+    from beit3.demo.pipeline import baseline
+
+    index = tmp_path
+    rows = [{"label": 0}] * 3 + [{"label": 1}]
+    (index / "imagenet.train.index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (index / "imagenet.val.index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"label": 0}, {"label": 2}]))
+    assert baseline("imagenet", index)["value"] == 50.0
+
+    train = [{"text": "how many shapes are there?", "labels": [4], "scores": [1.0]},
+             {"text": "how many shapes are there?", "labels": [4, 2], "scores": [1.0, 0.3]},
+             {"text": "how many shapes are visible?", "labels": [2], "scores": [1.0]},
+             {"text": "is there a red circle?", "labels": [0], "scores": [1.0]}]
+    val = [{"text": "how many shapes are there?", "labels": [2, 4], "scores": [1.0, 0.3]},
+           {"text": "is there a blue square?", "labels": [0], "scores": [0.6]},
+           {"text": "what colour is it?", "labels": [5], "scores": [1.0]}]
+    (index / "vqa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (index / "vqa.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    # "how many shapes" -> 4 (score 2.0 beats 2's 1.3); "is there a" -> 0; unseen type -> nothing
+    assert math.isclose(baseline("vqav2", index)["value"], 100 * (0.3 + 0.6 + 0.0) / 3)
+
+
+def test_charts_draw_every_series(tmp_path):
+    chart = line_chart([("a", [Series("x", [0, 1, 2], [3.0, 2.0, 1.0]), Series("y", [0, 2], [1.0, 1.5])]),
+                        ("empty", [])])
+    assert chart.size == (840, 280)
+    # the first series' colour appears in the first panel
+    pixels = set(chart.crop((0, 0, 420, 280)).getdata())
+    assert (31, 119, 180) in pixels and (255, 127, 14) in pixels
+    grid = retrieval_grid([("query", [(Image.new("RGB", (8, 8), (255, 0, 0)), True),
+                                      (Image.new("RGB", (8, 8), (0, 0, 255)), False)])], image_size=32)
+    colours = set(grid.getdata())
+    assert (255, 0, 0) in colours and (0, 0, 255) in colours and (30, 150, 60) in colours
