@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from beit3.config import Beit3Config
-from beit3.models import Beit3Model, count_parameters
+from beit3.models import Beit3ForVisualQuestionAnswering, Beit3Model, count_parameters
 
 TINY = Beit3Config.from_preset("tiny")
 
@@ -184,6 +184,24 @@ def test_magneto_init_scales_the_residual_branches():
     q, v = block.attn.qkv["vision"].weight[:256], block.attn.qkv["vision"].weight[512:]
     ratio = (v.std() / q.std()).item()
     assert abs(ratio - TINY.replace(num_layers=12).magneto_gain) < 0.05  # sqrt(ln 24) = 1.78
+
+
+@pytest.mark.parametrize("std", [0.02, 0.07])
+def test_initializer_range_sets_every_weight_and_table(std):
+    model = Beit3ForVisualQuestionAnswering(TINY.replace(initializer_range=std), num_labels=3)
+    # truncated at +-2 std, so the measured std is 0.88 of the requested one
+    for name in ("beit3.text_embed.weight", "beit3.vision_embed.proj.weight", "beit3.vision_pos_embed",
+                 "beit3.text_pos_embed", "beit3.layers.0.attn.qkv.vision.weight", "pooler.dense.weight", "head.0.weight"):
+        param = dict(model.named_parameters())[name]
+        q_rows = param[: TINY.hidden_size] if "qkv" in name else param  # the value rows carry Magneto's gain
+        assert abs(q_rows.std().item() / (0.88 * std) - 1) < 0.15, name
+    assert model.beit3.vision_embed.cls_token.abs().max() > 0
+
+
+def test_tiny_preset_scales_the_init_to_its_width():
+    # 0.02 is ~0.55 / sqrt(768); the tiny (64-wide) preset keeps that relative scale
+    assert Beit3Config.from_preset("tiny").initializer_range == pytest.approx(0.55 / 64 ** 0.5, rel=0.05)
+    assert Beit3Config.from_preset("base").initializer_range == 0.02
 
 
 def test_resize_token_embeddings_keeps_old_rows():

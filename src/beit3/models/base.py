@@ -32,10 +32,10 @@ def trunc_normal_init(tensor: torch.Tensor, std: float = INIT_STD) -> None:
     nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
 
 
-def init_module(module: nn.Module) -> None:
+def init_module(module: nn.Module, std: float = INIT_STD) -> None:
     """BEiT-style init: truncated normal (std 0.02) for weights, zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-        trunc_normal_init(module.weight)
+        trunc_normal_init(module.weight, std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -68,7 +68,11 @@ class Beit3PreTrainedModel(nn.Module):
         construction. (The official fine-tuning wrapper re-initialises everything afterwards and
         so loses this scaling; we keep it.)
         """
-        self.apply(init_module)
+        std = self.config.initializer_range
+        self.apply(lambda module: init_module(module, std))
+        for name, param in self.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("vision_pos_embed", "text_pos_embed", "cls_token", "mask_token"):
+                trunc_normal_init(param, std)  # as BEiT; left at zero, every patch starts identical but for its pixels
         gain = self.config.magneto_gain
         dim = self.config.hidden_size
         with torch.no_grad():
@@ -111,7 +115,7 @@ class Beit3PreTrainedModel(nn.Module):
         if vocab_size == old.num_embeddings:
             return
         new = nn.Embedding(vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        init_module(new)
+        init_module(new, self.config.initializer_range)
         keep = min(vocab_size, old.num_embeddings)
         with torch.no_grad():
             new.weight[:keep] = old.weight[:keep]
@@ -249,10 +253,10 @@ class Beit3PreTrainedModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def resize_linear_rows(old: nn.Linear, rows: int) -> nn.Linear:
+def resize_linear_rows(old: nn.Linear, rows: int, std: float = INIT_STD) -> nn.Linear:
     """A copy of ``old`` with ``rows`` outputs: the first rows kept, new ones freshly initialised."""
     new = nn.Linear(old.in_features, rows, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-    init_module(new)
+    init_module(new, std)
     keep = min(rows, old.out_features)
     with torch.no_grad():
         new.weight[:keep] = old.weight[:keep]

@@ -10,7 +10,7 @@ from torch import nn
 from beit3.config import Beit3Config
 from beit3.layers import caption_attention_mask
 from beit3.models.backbone import Beit3Model
-from beit3.models.base import Beit3PreTrainedModel, resize_linear_rows
+from beit3.models.base import INIT_STD, Beit3PreTrainedModel, resize_linear_rows
 from beit3.models.heads import init_head
 from beit3.models.outputs import CaptioningOutput
 
@@ -72,7 +72,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         self.label_smoothing = label_smoothing
         self.beit3 = Beit3Model(config)
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
-        init_head(self.mlm_head)
+        init_head(self.mlm_head, std=INIT_STD)  # as the pretraining heads: logits start near uniform
 
     def forward(
         self,

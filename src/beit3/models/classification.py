@@ -31,8 +31,8 @@ class Beit3ForImageClassification(Beit3PreTrainedModel):
         self.beit3 = Beit3Model(config)
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, num_labels)
-        init_head(self.fc_norm)
-        init_head(self.head, scale=0.001)
+        init_head(self.fc_norm, std=config.initializer_range)
+        init_head(self.head, scale=0.001, std=config.initializer_range)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
         hidden = self.beit3(pixel_values=pixel_values).last_hidden_state  # (B, 1 + N, D)

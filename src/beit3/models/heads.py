@@ -34,11 +34,11 @@ class TwoLayerMLP(nn.Module):
         return self.dense2(self.act(self.norm2(self.dense1(self.norm1(x)))))
 
 
-def init_head(*modules: nn.Module, scale: float = 1.0) -> None:
+def init_head(*modules: nn.Module, std: float, scale: float = 1.0) -> None:
     """Initialise head modules; ``scale`` shrinks their linear layers (the release uses 0.001
     for the classification and NLVR2 heads so that fine-tuning starts near uniform logits)."""
     for module in modules:
-        module.apply(init_module)
+        module.apply(lambda sub: init_module(sub, std))
         if scale != 1.0:
             with torch.no_grad():
                 for sub in module.modules():

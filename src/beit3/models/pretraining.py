@@ -20,7 +20,7 @@ from torch import nn
 
 from beit3.config import Beit3Config
 from beit3.models.backbone import Beit3Model
-from beit3.models.base import Beit3PreTrainedModel, init_module
+from beit3.models.base import INIT_STD, Beit3PreTrainedModel, init_module
 from beit3.models.heads import init_head
 
 IGNORE_INDEX = -100
@@ -85,7 +85,8 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
         self.beit3 = Beit3Model(config)
         self.mlm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.mim_head = nn.Linear(config.hidden_size, visual_vocab_size)
-        init_head(self.mlm_head, self.mim_head)
+        # BEiT's 0.02 whatever the width: a narrow model's logits then start nearer uniform (loss ~ ln V)
+        init_head(self.mlm_head, self.mim_head, std=INIT_STD)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -165,7 +166,7 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
     def _resize_vocab_heads(self, vocab_size: int, keep: int) -> None:
         old = self.mlm_head
         new = nn.Linear(old.in_features, vocab_size, device=old.weight.device, dtype=old.weight.dtype)
-        init_module(new)
+        init_module(new)  # as the head itself (INIT_STD)
         with torch.no_grad():
             new.weight[:keep] = old.weight[:keep]
             new.bias[:keep] = old.bias[:keep]

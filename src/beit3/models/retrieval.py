@@ -35,7 +35,7 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
         self.vision_head = nn.Linear(dim, dim, bias=False)
         self.language_head = nn.Linear(dim, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        init_head(self.vision_head, self.language_head)
+        init_head(self.vision_head, self.language_head, std=config.initializer_range)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cls = self.beit3(pixel_values=pixel_values).last_hidden_state[:, 0]

@@ -25,8 +25,8 @@ class Beit3ForVisualReasoning(Beit3PreTrainedModel):
         dim = config.hidden_size
         self.beit3 = Beit3Model(config)
         self.head = TwoLayerMLP(4 * dim, 2 * dim, 2, config.layer_norm_eps)
-        init_head(self.head.norm1, self.head.norm2)
-        init_head(self.head.dense1, self.head.dense2, scale=0.001)
+        init_head(self.head.norm1, self.head.norm2, std=config.initializer_range)
+        init_head(self.head.dense1, self.head.dense2, scale=0.001, std=config.initializer_range)
 
     def forward(
         self,

@@ -32,7 +32,7 @@ class Beit3ForVisualQuestionAnswering(Beit3PreTrainedModel):
         self.pooler = Pooler(dim, eps)
         self.head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim, eps=eps), nn.GELU(),
                                   nn.Linear(2 * dim, num_labels))
-        init_head(self.pooler, self.head)
+        init_head(self.pooler, self.head, std=config.initializer_range)
 
     def forward(
         self,

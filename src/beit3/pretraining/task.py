@@ -109,7 +109,7 @@ class MaskedDataModelingTask:
             from beit3.config import Beit3Config
 
             vocab = int(self.options.get("vocab_size") or self.tokenizer.vocab_size)
-            config = Beit3Config.from_preset(cfg.model.preset, vocab_size=vocab, **overrides)
+            config = Beit3Config.from_preset(cfg.model.preset, **{**cfg.model.config, "vocab_size": vocab, **overrides})
             model = Beit3ForPreTraining(config, visual_vocab_size=self.visual_tokenizer.config.codebook_size)
         if model.config.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"the model has {model.config.vocab_size} text ids, fewer than the tokenizer's "

@@ -90,7 +90,7 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
     else:
         if cls.official_final_norm is not None:  # the task's choice, as from_pretrained(init_head=True)
             sizes["final_norm"] = cls.official_final_norm
-        model = cls(Beit3Config.from_preset(cfg.model.preset, **sizes), **head_args)
+        model = cls(Beit3Config.from_preset(cfg.model.preset, **{**cfg.model.config, **sizes}), **head_args)
     # The image mask token is for masked-image pretraining; no fine-tuning task uses it. Left
     # trainable, DDP (find_unused_parameters=False) would wait for its gradient forever: nothing is
     # all-reduced on the first step and the second step fails.

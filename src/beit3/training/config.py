@@ -42,6 +42,9 @@ class ModelSection:
     """Input resolution; position tables are interpolated when it differs from the checkpoint."""
     drop_path_rate: float = 0.1
     """Stochastic depth rate of the last block (linearly increasing over depth)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """``Beit3Config`` fields over the preset when training from scratch (e.g. ``{patch_size: 16}``).
+    Ignored with ``pretrained``: the checkpoint's shape is the model's."""
 
 
 @dataclass
