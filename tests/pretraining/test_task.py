@@ -109,7 +109,7 @@ def test_itc_tuning_starts_from_an_mdm_export_and_feeds_retrieval(synthetic, tmp
                         ).save_pretrained(source)
     tokenizer.save_pretrained(source)
     out = tmp_path / "itc"
-    status = main(["pretrain", "--task", "itc", "--recipe", str(CONFIGS / "pretrain_tiny.yaml"), "--output-dir", str(out),
+    status = main(["pretrain", "--objective", "itc", "--recipe", str(CONFIGS / "pretrain_tiny.yaml"), "--output-dir", str(out),
                    f"data.root={synthetic}", "task.options={val_size: 8, text_length: 24}",
                    f"model.pretrained={source}", "data.batch_size=8", "schedule.max_steps=2",
                    "schedule.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=null"])

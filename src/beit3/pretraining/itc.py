@@ -2,7 +2,7 @@
 
 After masked data modeling, BEiT-3 tunes the dual encoder (the retrieval heads) on the
 pretraining pairs with a contrastive loss (paper section 3.2: 5 epochs, batch 16k, lr 3e-5), and
-starts retrieval fine-tuning from that. ``beit3 pretrain --task itc model.pretrained=<mdm export>``
+starts retrieval fine-tuning from that. ``beit3 pretrain --objective itc model.pretrained=<mdm export>``
 runs it on the engine: the model is ``Beit3ForImageTextRetrieval`` and the loss is the retrieval
 task's symmetric InfoNCE over the features of every process, with gradients only through the
 local slice, so memory grows linearly with the global batch. The result loads into the retrieval

@@ -45,6 +45,11 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, help_tex
     )
     parser.add_argument("--recipe", help="YAML recipe (required unless --list-tasks), e.g. configs/" + recipe)
     parser.add_argument("--task", help="task name, overriding task.name of the recipe")
+    if kind == "pretrain":
+        parser.add_argument("--objective", choices=("mdm", "itc"),
+                            help="mdm: masked data modeling (the BEiT-3 pretraining); itc: image-text contrastive "
+                                 "intermediate tuning of the dual encoder, as the released -itc checkpoints "
+                                 "(same as --task mdm / --task itc)")
     parser.add_argument("--output-dir", help="run folder (train.output_dir)")
     parser.add_argument("--resume", help="'auto' (newest intact checkpoint in the run folder) or a checkpoint path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
@@ -70,7 +75,10 @@ def run(args: argparse.Namespace, kind: TaskKind) -> int:
         raise FileNotFoundError(f"{problem}; pass a YAML recipe such as configs/{EXAMPLE_RECIPE[kind]} "
                                 "(the recipes of the release and tiny ones for the synthetic world are in configs/)")
     overrides = list(args.overrides)
-    for flag, key in ((args.task, "task.name"), (args.output_dir, "train.output_dir"), (args.resume, "train.resume")):
+    objective = getattr(args, "objective", None)
+    if objective and args.task and args.task != objective:
+        raise ValueError(f"--objective {objective} and --task {args.task} disagree; give one of them")
+    for flag, key in ((args.task or objective, "task.name"), (args.output_dir, "train.output_dir"), (args.resume, "train.resume")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
     cfg = load_config(args.recipe, overrides)
