@@ -44,7 +44,9 @@ def test_two_process_fsdp_matches_one_process(single_run, tmp_path):
     proc = run_cli(2, "finetune", "--recipe", str(TINY), f"train.output_dir={out}", "parallel.strategy=fsdp",
                    "data.micro_batch_size=2", "parallel.activation_checkpointing=true")
     assert "fsdp x2 on cpu" in proc.stderr and "2 micro x 2 accum x 2 procs" in proc.stderr
-    _assert_same_run(single_run, out, atol=1e-5)
+    # Four partial sums in another order: rounding reached 1e-5 in 1 of 5 runs once the tiny
+    # preset's init std became 0.07 (weights 3.5x larger than at 0.02).
+    _assert_same_run(single_run, out, atol=5e-5)
 
 
 def test_sigkill_then_resume_auto_equals_uninterrupted(tmp_path):

@@ -34,6 +34,15 @@ class KVCache:
         return KVCache([(k[:, :, :length], v[:, :, :length]) for k, v in self.layers], self.joint)
 
 
+def _bf16_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention as two bf16 matmuls around a float32 softmax: on CPU, PyTorch's bf16 kernel behind
+    ``scaled_dot_product_attention`` takes twice as long for the same result (benchmarks/README.md)."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).float()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 class Attention(nn.Module):
     """Self-attention whose q/k/v/out projections and sub-LayerNorm may be per-modality.
 
@@ -75,7 +84,10 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, Dh)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            out = _bf16_cpu_attention(q, k, v, attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, Dh)
         out = out.transpose(1, 2)  # (B, T, H, Dh)
         outputs, start = [], 0
         for name, x in streams:
