@@ -11,7 +11,7 @@ from PIL import Image
 
 from beit3.pipelines import DEFAULT_TEMPLATES, ZeroShotPipeline, pipeline
 from beit3.processing import Beit3ImageProcessor
-from tests.tiny_pipelines import save_model_folder, tiny_model, tiny_tokenizer, write_images
+from tests.tiny_pipelines import save_model_folders, tiny_model, tiny_tokenizer, write_images
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folders(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("models")
-    return {kind: save_model_folder(kind, tokenizer, root / kind)
-            for kind in ("captioning", "vqa", "classification", "nlvr2", "zero-shot")}
+    return save_model_folders(tokenizer, tmp_path_factory.mktemp("models"))
 
 
 def pixels(task, paths, size=32):

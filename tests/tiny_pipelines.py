@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import random
+import socket
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from beit3.config import Beit3Config
@@ -21,6 +23,13 @@ from beit3.processing import Beit3Tokenizer, train_tokenizer
 
 WORDS = ("a photo picture image of the red blue green circle square triangle cat dog is there what colour "
          "left right two shows small large close-up drawing rendering good bright dark blurry cropped an").split()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def tiny_tokenizer(folder: Path) -> Beit3Tokenizer:
@@ -51,6 +60,13 @@ def save_model_folder(kind: str, tokenizer: Beit3Tokenizer, folder: Path, num_la
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_model_folders(tokenizer: Beit3Tokenizer, root: Path) -> dict[str, Path]:
+    """A saved tiny model folder for every pipeline kind, seeded."""
+    torch.manual_seed(0)
+    return {kind: save_model_folder(kind, tokenizer, root / kind)
+            for kind in ("captioning", "vqa", "classification", "nlvr2", "zero-shot")}
 
 
 def write_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (40, 50)) -> list[Path]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,6 +11,7 @@ from beit3.models import Beit3ForImageTextRetrieval
 from beit3.tasks.retrieval import RetrievalTask
 from beit3.training.config import config_from_dict
 from beit3.training.distributed import EvalSampler
+from tests.tiny_pipelines import free_port
 
 BATCH, EVAL_ROWS, TEXT_LEN = 8, 7, 6
 
@@ -79,16 +79,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one(tmp_path):
     grads, metrics, _ = grads_and_metrics(0, 1)
     out = tmp_path / "two.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
     assert two["metrics"] == metrics
     assert metrics["texts"] == EVAL_ROWS

@@ -5,11 +5,10 @@ import csv
 import json
 
 import pytest
-import torch
 
 from beit3.cli import build_parser, main
 from beit3.pipelines import pipeline
-from tests.tiny_pipelines import bad_files, save_model_folder, tiny_tokenizer, write_images
+from tests.tiny_pipelines import bad_files, save_model_folders, tiny_tokenizer, write_images
 
 KINDS = ("caption", "vqa", "classify", "nlvr2", "zero-shot", "detection", "segmentation")
 
@@ -21,10 +20,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folders(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("models")
-    return {kind: save_model_folder(kind, tokenizer, root / kind)
-            for kind in ("captioning", "vqa", "classification", "nlvr2", "zero-shot")}
+    return save_model_folders(tokenizer, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

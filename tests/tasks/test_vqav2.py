@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from beit3.tasks.metrics import vqa_accuracy
 from beit3.tasks.vqav2 import VQATask
 from beit3.training.config import config_from_dict
 from beit3.training.distributed import EvalDataset, EvalSampler
+from tests.tiny_pipelines import free_port
 
 ROWS = 7  # odd, so two processes get a padded shard
 
@@ -140,16 +140,10 @@ def _worker(rank: int, world_size: int, port: int, index_root: str, tokenizer: s
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_report_what_one_does(world, tokenizer_dir, val_index, tmp_path):
     one, _ = run_evaluate(make_task(world / "index", tokenizer_dir, val_index))
     out = tmp_path / "two.json"
-    mp.spawn(_worker, args=(2, _free_port(), str(world / "index"), str(tokenizer_dir), val_index, str(out)),
+    mp.spawn(_worker, args=(2, free_port(), str(world / "index"), str(tokenizer_dir), val_index, str(out)),
              nprocs=2, join=True)
     two = json.loads(out.read_text())
     assert set(two) == set(one)

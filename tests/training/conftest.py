@@ -3,24 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tiny_pipelines import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TINY = HERE / "tiny.yaml"
 
 sys.path.insert(0, str(HERE))  # makes `toytask:make` importable in-process
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli_command(nproc: int, *args: str) -> list[str]:
