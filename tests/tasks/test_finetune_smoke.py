@@ -55,3 +55,18 @@ def test_finetune_two_steps_from_a_pretrained_folder(task, world, pretrained_dir
         submission = json.loads((out / "final" / "submit_vqav2_test-dev.json").read_text())
         test_dev = (world / "index" / "vqa.test-dev.jsonl").read_text().splitlines()
         assert len(submission) == len(test_dev) and set(submission[0]) == {"question_id", "answer"}
+
+
+def test_nlvr2_head_init_scale_comes_from_the_recipe():
+    """The release shrinks the NLVR2 head by 0.001; the tiny recipe keeps it at full scale."""
+    from beit3.tasks.nlvr2 import NLVR2Task
+    from beit3.training.config import load_config
+
+    def head_std(overrides: list[str]) -> float:
+        cfg = load_config(CONFIGS / "tiny_nlvr2.yaml", overrides + ["task.options.tokenizer=null"])
+        model = NLVR2Task(cfg).build_model(cfg)
+        return model.head.dense1.weight.std().item()
+
+    full, official = head_std([]), head_std(["task.options.head_init_scale=0.001"])
+    assert full == pytest.approx(0.07 * 0.88, rel=0.1)  # a 2-sigma truncated normal of std 0.07
+    assert official == pytest.approx(full * 0.001, rel=0.1)

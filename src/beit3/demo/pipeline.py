@@ -64,7 +64,7 @@ def _finetunes(scale: float) -> tuple[FinetuneSpec, ...]:
         FinetuneSpec("imagenet", "tiny_imagenet.yaml", "acc1", "classification (top-1 %)", steps(300),
                      ("task.options.mixup=0.0", "task.options.cutmix=0.0")),
         FinetuneSpec("vqav2", "tiny_vqav2.yaml", "vqa_score", "VQA (VQA score %)", steps(1200)),
-        FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "accuracy", "NLVR2 (accuracy %)", steps(300)),
+        FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "accuracy", "NLVR2 (accuracy %)", steps(800)),
         FinetuneSpec("retrieval", "tiny_retrieval.yaml", "average_score", "retrieval (mean R@1/5/10 %)", steps(500)),
         FinetuneSpec("captioning", "tiny_captioning.yaml", "cider", "captioning (CIDEr)", steps(400)),
     )

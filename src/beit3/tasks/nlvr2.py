@@ -18,7 +18,7 @@ from beit3.tasks.metrics import pair_accuracy_correct
 from beit3.training.distributed import all_reduce_sum
 from beit3.training.task import register_task
 
-DEFAULTS: dict[str, Any] = {"randaug": False, "max_text_len": 64}
+DEFAULTS: dict[str, Any] = {"randaug": False, "max_text_len": 64, "head_init_scale": 0.001}
 TRAIN_INDEX = "nlvr2.train.index.jsonl"
 VAL_INDEX = "nlvr2.dev.index.jsonl"
 
@@ -29,6 +29,9 @@ class NLVR2Task(VisionLanguageTask):
     model_class = Beit3ForVisualReasoning
     raw_dataset = NLVR2Dataset
     metric_name = "accuracy"
+
+    def head_args(self) -> dict[str, Any]:
+        return {"head_init_scale": float(self.options["head_init_scale"])}
 
     def train_index(self) -> str:
         return TRAIN_INDEX

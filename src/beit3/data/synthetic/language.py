@@ -169,29 +169,21 @@ def _noun(rng: random.Random) -> tuple[str, str | None, str | None]:
 def random_statement(rng: random.Random) -> tuple[str, Predicate]:
     """An NLVR2-style statement and the test that decides it for a (left, right) pair of scenes.
 
-    The statements compare or combine the two images (existence in both or one, counts, more/fewer);
-    spatial relations are left to captions and VQA so that the pair task stays learnable by a tiny model.
+    Two forms, both about the pair as a whole: a comparison ("the left image has more shapes than
+    the right image") and a conjunction ("both images contain a red shape"). Other NLVR2 forms
+    were measured and left out because the tiny model does not learn them in a CPU budget: a
+    statement about one side ("the left image contains ..."), "exactly one image contains ...",
+    an exact count of one side and "the same number of shapes" each stayed at 50-58% dev accuracy
+    after 1600 steps on 4000 statements of their own, and mixed in they pull the whole set to chance.
     """
     noun, colour, shape = _noun(rng)
-    kind = rng.choice(("more", "both", "exactly_one", "count", "side"))
-    if kind == "more":
+    if rng.random() < 0.5:
         more = rng.random() < 0.5
         text = f"the left image has {'more' if more else 'fewer'} shapes than the right image"
         if more:
             return text, lambda left, right: len(left.objects) > len(right.objects)
         return text, lambda left, right: len(left.objects) < len(right.objects)
-    if kind == "both":
-        return f"both images contain a {noun}", lambda left, right: min(_count(left, colour, shape), _count(right, colour, shape)) > 0
-    if kind == "exactly_one":
-        return (f"exactly one image contains a {noun}",
-                lambda left, right: (_count(left, colour, shape) > 0) != (_count(right, colour, shape) > 0))
-    side = rng.choice(("left", "right"))
-    pick = (lambda left, right: left) if side == "left" else (lambda left, right: right)
-    if kind == "count":
-        k = rng.randint(1, 4)
-        return (f"the {side} image contains exactly {_count_phrase(k, 'shape')}",
-                lambda left, right: len(pick(left, right).objects) == k)
-    return f"the {side} image contains a {noun}", lambda left, right: _count(pick(left, right), colour, shape) > 0
+    return f"both images contain a {noun}", lambda left, right: min(_count(left, colour, shape), _count(right, colour, shape)) > 0
 
 
 def statement_with_pairs(rng: random.Random, tries: int = 300) -> tuple[str, tuple[Scene, Scene], tuple[Scene, Scene]]:
@@ -199,12 +191,14 @@ def statement_with_pairs(rng: random.Random, tries: int = 300) -> tuple[str, tup
 
     As in NLVR2, each sentence is shown with pairs of both truth values, so the words alone say
     nothing about the label: the images must be looked at. Statements that rarely hold are redrawn.
+    The shapes are all large: at the tiny recipes' 32 pixels a small one is about five pixels
+    wide, and "both images contain a red shape" then stays near chance (60% vs 50%).
     """
     while True:
         text, holds = random_statement(rng)
         found: dict[bool, tuple[Scene, Scene]] = {}
         for _ in range(tries):
-            pair = (random_scene(rng), random_scene(rng))
+            pair = (random_scene(rng, sizes=("large",)), random_scene(rng, sizes=("large",)))
             found.setdefault(holds(*pair), pair)
             if len(found) == 2:
                 return text, found[True], found[False]

@@ -50,8 +50,9 @@ class Scene:
 
 
 def random_scene(rng: random.Random, *, min_objects: int = 1, max_objects: int = 4,
-                 main: tuple[str, str] | None = None) -> Scene:
-    """Draw a scene; ``main=(colour, shape)`` forces one large object of that kind and makes the others small."""
+                 main: tuple[str, str] | None = None, sizes: tuple[str, ...] = SIZES) -> Scene:
+    """Draw a scene; ``main=(colour, shape)`` forces one large object of that kind and makes the others
+    small; ``sizes`` are the sizes the other objects are drawn from."""
     count = rng.randint(min_objects, max_objects)
     cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], count)
     objects = []
@@ -60,7 +61,7 @@ def random_scene(rng: random.Random, *, min_objects: int = 1, max_objects: int =
             colour, shape, size = main[0], main[1], "large"
         else:
             colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-            size = "small" if main is not None else rng.choice(SIZES)
+            size = "small" if main is not None else rng.choice(sizes)
         objects.append(SceneObject(shape, colour, size, row, col, rng.uniform(-0.1, 0.1), rng.uniform(-0.1, 0.1)))
     return Scene(rng.choice(BACKGROUNDS), rng.randint(50, 120), tuple(objects), rng.getrandbits(32))
 

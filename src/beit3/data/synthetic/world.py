@@ -55,9 +55,9 @@ WORLD_SIZES = {
                        nlvr2_train=60, nlvr2_eval=20, class_train=6, class_val=2,
                        detection_train=60, detection_val=20, pretrain_pairs=240, pretrain_images=240,
                        pretrain_texts=1000, shards=4, rest_val_images=20),
-    # Well under a minute on two cores: enough to pretrain and fine-tune a tiny model in a demo.
+    # About a minute on two cores: enough to pretrain and fine-tune a tiny model in a demo.
     "medium": WorldSize(coco_train=1500, coco_val=500, vqa_test=200, questions_per_image=5, flickr=500,
-                        nlvr2_train=600, nlvr2_eval=100, class_train=60, class_val=15,
+                        nlvr2_train=2000, nlvr2_eval=200, class_train=60, class_val=15,
                         detection_train=600, detection_val=150, pretrain_pairs=3000, pretrain_images=3000,
                         pretrain_texts=20000, shards=8, rest_val_images=100),
 }
