@@ -63,6 +63,17 @@ def test_baselines_come_from_the_data(tmp_path):
     # "how many shapes" -> 4 (score 2.0 beats 2's 1.3); "is there a" -> 0; unseen type -> nothing
     assert math.isclose(baseline("vqav2", index)["value"], 100 * (0.3 + 0.6 + 0.0) / 3)
 
+    # captioning: each image scored with the next image's caption in the same reference slot
+    val = [{"image_id": 1, "references": ["a red circle", "one red shape"]},
+           {"image_id": 2, "references": ["a blue square", "one blue shape"]},
+           {"image_id": 3, "references": ["a red circle", "one red shape"]}]
+    (index / "coco_captioning.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    from beit3.tasks.metrics import cider_d
+    refs = {r["image_id"]: r["references"] for r in val}
+    expected = [cider_d({1: refs[2][j], 2: refs[3][j], 3: refs[1][j]}, refs)[0] for j in (0, 1)]
+    assert math.isclose(baseline("captioning", index)["value"], sum(expected) / 2)
+    assert 0 < baseline("captioning", index)["value"] < cider_d({k: v[0] for k, v in refs.items()}, refs)[0]
+
 
 def test_charts_draw_every_series(tmp_path):
     chart = line_chart([("a", [Series("x", [0, 1, 2], [3.0, 2.0, 1.0]), Series("y", [0, 2], [1.0, 1.5])]),

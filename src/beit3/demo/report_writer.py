@@ -53,7 +53,7 @@ def results_markdown(results: dict[str, Any]) -> str:
              "| task | pretrained | scratch | gain | baseline without the image |", "|---|---|---|---|---|"]
     for row in results["tasks"]:
         base = row["baseline"]
-        base_text = "–" if math.isnan(base["value"]) else f"{base['value']:.1f} ({base['name']})"
+        base_text = "–" if math.isnan(base["value"]) else f"{base['value']:.2f} ({base['name']})"
         lines.append(f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} | "
                      f"{row['pretrained'] - row['scratch']:+.2f} | {base_text} |")
     pre = results["pretraining"]
