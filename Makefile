@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean-venv
+.PHONY: demo test test-fast bench clean-venv
 
 $(STAMP): pyproject.toml requirements-dev.txt requirements-reference.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-reference.txt
 demo: $(STAMP)
 	$(VENV)/bin/beit3 demo
 
+# The whole suite, the slow end-to-end learning checks included (~7 min on 2 cores); CI runs it.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q --durations=8
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q
+# Everything but the tests marked slow (~2 min): for quick iteration.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
