@@ -232,9 +232,11 @@ class Beit3PreTrainedModel(nn.Module):
             return bool(re.search(r"(text_embed|text_pos_embed|\.text\.|mask_token)", key))
 
         if init_head:
+            # Every head tensor goes, also one whose name and shape match this model's (the
+            # pretraining mlm_head and the captioning mlm_head, a 1000-class head reused for 1000
+            # new classes): the head starts from its fresh initialisation, as the argument says.
             final_norm = (BACKBONE_PREFIX if not is_backbone else "") + "norm."
-            ignored = [k for k in unexpected if is_head(k) or k.startswith(final_norm)]
-            ignored += [k for k, _, _ in mismatched if is_head(k)]
+            ignored = [k for k in state if is_head(k) or (k in unexpected and k.startswith(final_norm))]
             for key in ignored:
                 state.pop(key, None)
             if ignored:
