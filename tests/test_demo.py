@@ -58,8 +58,11 @@ def test_baselines_come_from_the_data(tmp_path):
     val = [{"text": "how many shapes are there?", "labels": [2, 4], "scores": [1.0, 0.3]},
            {"text": "is there a blue square?", "labels": [0], "scores": [0.6]},
            {"text": "what colour is it?", "labels": [5], "scores": [1.0]}]
-    (index / "vqa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (index / "vqa.val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    # the model's training questions (train + trainable_val) and its validation split (rest_val)
+    (index / "vqa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[:2]))
+    (index / "vqa.trainable_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[2:]))
+    (index / "vqa.rest_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    (index / "vqa.val.jsonl").write_text(json.dumps(train[3]) + "\n")  # not what the model is scored on
     # "how many shapes" -> 4 (score 2.0 beats 2's 1.3); "is there a" -> 0; unseen type -> nothing
     assert math.isclose(baseline("vqav2", index)["value"], 100 * (0.3 + 0.6 + 0.0) / 3)
 

@@ -76,15 +76,21 @@ def test_retrieval_from_scratch_ranks_far_above_chance(medium_world, tmp_path, r
 
 
 @pytest.mark.slow
-def test_vqa_from_scratch_answers_far_above_the_majority_answer(medium_world, tmp_path, record_property):
-    """Always giving the most frequent answer scores ~21%; the question-only prior 44%. From
-    scratch, 1200 steps (~40 s) reached 41.1%."""
-    final = _finetune(medium_world, "vqav2", tmp_path / "run", 1200)
+def test_vqa_from_scratch_answers_beyond_the_question_only_prior(medium_world, tmp_path, record_property):
+    """Always giving the most frequent answer scores ~21%; the most frequent answer of the
+    question's first three words (the question-only prior) 44%: only a model that reads the image
+    beats that. From scratch, 2400 steps (~75 s) reached 50.5% (1200 steps: 41%)."""
+    from beit3.demo.pipeline import baseline
+
+    final = _finetune(medium_world, "vqav2", tmp_path / "run", 2400)
     rows = [json.loads(line) for line in (medium_world / "index" / "vqa.rest_val.jsonl").read_text().splitlines()]
     best = max(range(20), key=lambda label: sum(dict(zip(r["labels"], r["scores"])).get(label, 0.0) for r in rows))
     majority = 100 * sum(dict(zip(r["labels"], r["scores"])).get(best, 0.0) for r in rows) / len(rows)
-    record_property("learned", f"VQA score {final['vqa_score']:.1f}% (majority answer {majority:.1f})")
+    prior = baseline("vqav2", medium_world / "index")["value"]
+    record_property("learned", f"VQA score {final['vqa_score']:.1f}% (majority answer {majority:.1f}, "
+                               f"question-only prior {prior:.1f})")
     assert final["vqa_score"] > 1.5 * majority, (final, majority)
+    assert final["vqa_score"] > prior, (final, prior)
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def _finetunes(scale: float) -> tuple[FinetuneSpec, ...]:
     return (
         FinetuneSpec("imagenet", "tiny_imagenet.yaml", "acc1", "classification (top-1 %)", steps(300),
                      ("task.options.mixup=0.0", "task.options.cutmix=0.0")),
-        FinetuneSpec("vqav2", "tiny_vqav2.yaml", "vqa_score", "VQA (VQA score %)", steps(1200)),
+        FinetuneSpec("vqav2", "tiny_vqav2.yaml", "vqa_score", "VQA (VQA score %)", steps(2400)),
         FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "accuracy", "NLVR2 (accuracy %)", steps(800)),
         FinetuneSpec("retrieval", "tiny_retrieval.yaml", "average_score", "retrieval (mean R@1/5/10 %)", steps(500)),
         FinetuneSpec("captioning", "tiny_captioning.yaml", "cider", "captioning (CIDEr)", steps(1600)),
@@ -216,7 +216,10 @@ def baseline(task: str, index: Path) -> dict[str, Any]:
         images = len({r["image_id"] for r in val})
         return {"name": "random ranking", "value": 100 * sum(min(1.0, k / images) for k in (1, 5, 10)) / 3}
     if task == "vqav2":
-        train, val = rows("vqa.train.jsonl"), rows("vqa.val.jsonl")
+        from beit3.tasks.vqav2 import TRAIN_INDEX, VAL_INDEX
+
+        # the model's own training and validation questions
+        train, val = [r for name in TRAIN_INDEX for r in rows(name)], rows(VAL_INDEX)
         by_type: dict[str, Counter] = defaultdict(Counter)
         for r in train:
             for label, score in zip(r["labels"], r["scores"]):
