@@ -55,6 +55,14 @@ def test_missing_head_is_an_error_unless_asked_to_init(tmp_path):
     torch.testing.assert_close(model.beit3.layers[0].ffn["text"].fc1.weight, backbone.layers[0].ffn["text"].fc1.weight)
 
 
+def _saved_with_head_filled(model, head, folder):
+    """Save ``model`` with every weight of its ``head`` set to 0.5, far above any fresh init."""
+    with torch.no_grad():
+        getattr(model, head).weight.fill_(0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
 def test_init_head_starts_a_fresh_head_even_when_the_checkpoint_has_one_of_that_shape(tmp_path):
     """A pretraining checkpoint's mlm_head has the captioning head's name and shape, and a
     classifier's head fits another classifier of as many classes: init_head=True still starts
@@ -62,21 +70,17 @@ def test_init_head_starts_a_fresh_head_even_when_the_checkpoint_has_one_of_that_
     from beit3.models import Beit3ForPreTraining
 
     pretraining = Beit3ForPreTraining(TINY, visual_vocab_size=32)
-    with torch.no_grad():
-        pretraining.mlm_head.weight.fill_(0.5)
-    pretraining.save_pretrained(tmp_path / "pretraining")
-    captioner = Beit3ForCaptioning.from_pretrained(tmp_path / "pretraining", init_head=True, mask_token_id=3)
+    folder = _saved_with_head_filled(pretraining, "mlm_head", tmp_path / "pretraining")
+    captioner = Beit3ForCaptioning.from_pretrained(folder, init_head=True, mask_token_id=3)
     assert captioner.mlm_head.weight.abs().max() < 0.5
     torch.testing.assert_close(captioner.beit3.layers[0].ffn["text"].fc1.weight,
                                pretraining.beit3.layers[0].ffn["text"].fc1.weight)
 
     classifier = Beit3ForImageClassification(TINY, num_labels=3)
-    with torch.no_grad():
-        classifier.head.weight.fill_(0.5)
-    classifier.save_pretrained(tmp_path / "classifier")
-    fresh = Beit3ForImageClassification.from_pretrained(tmp_path / "classifier", init_head=True, num_labels=3)
+    folder = _saved_with_head_filled(classifier, "head", tmp_path / "classifier")
+    fresh = Beit3ForImageClassification.from_pretrained(folder, init_head=True, num_labels=3)
     assert fresh.head.weight.abs().max() < 0.5
-    kept = Beit3ForImageClassification.from_pretrained(tmp_path / "classifier")
+    kept = Beit3ForImageClassification.from_pretrained(folder)
     assert torch.equal(kept.head.weight, classifier.head.weight)
 
 

@@ -238,7 +238,7 @@ class Beit3PreTrainedModel(nn.Module):
             final_norm = (BACKBONE_PREFIX if not is_backbone else "") + "norm."
             ignored = [k for k in state if is_head(k) or (k in unexpected and k.startswith(final_norm))]
             for key in ignored:
-                state.pop(key, None)
+                del state[key]
             if ignored:
                 logger.info("%s: init_head=True, ignoring %d checkpoint tensors: %s", source, len(ignored), ignored[:8])
             missing = [k for k in missing if not is_head(k)]
