@@ -9,7 +9,7 @@ from PIL import Image
 from beit3.cli import main
 from beit3.demo.report import Series, line_chart, retrieval_grid
 
-TASKS = {"imagenet", "vqav2", "nlvr2", "retrieval", "captioning"}
+TASKS = {"classification", "vqav2", "nlvr2", "retrieval", "captioning"}
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):

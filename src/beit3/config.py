@@ -56,7 +56,8 @@ class Beit3Config:
     final_norm: bool = True
     """Whether a LayerNorm follows the last block (the release drops it for ImageNet and VQA)."""
     gradient_checkpointing: bool = False
-    """Recompute each block in the backward pass instead of storing its activations."""
+    """Recompute each block in the backward pass instead of storing its activations: a model built
+    from this config calls ``gradient_checkpointing_enable()`` (`beit3.layers.checkpoint_blocks`)."""
 
     def __post_init__(self) -> None:
         def need(condition: bool, message: str) -> None:

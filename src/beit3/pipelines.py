@@ -26,8 +26,16 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 import torch
-import yaml
 
+from beit3.catalogue import TaskSpec, get_task, iter_tasks, spec_for_model
+from beit3.model_folder import (
+    TokenizerInput,
+    find_run_config,
+    load_image_processor,
+    resolve_tokenizer,
+    run_setting,
+    text_length,
+)
 from beit3.models import (
     Beit3ForCaptioning,
     Beit3ForImageClassification,
@@ -37,11 +45,11 @@ from beit3.models import (
     Beit3PreTrainedModel,
 )
 from beit3.processing import Beit3ImageProcessor, Beit3Processor, Beit3Tokenizer
-from beit3.processing.image import CONFIG_FILENAME as IMAGE_CONFIG, ImageInput
-from beit3.processing.processor import CONFIG_FILENAME as PROCESSOR_CONFIG
+from beit3.processing.image import ImageInput
 
 ModelInput = Union[str, os.PathLike, Beit3PreTrainedModel]
-TokenizerInput = Union[str, os.PathLike, Beit3Tokenizer, None]
+__all__ = ["Pipeline", "CaptioningPipeline", "VQAPipeline", "ClassificationPipeline", "VisualReasoningPipeline",
+           "ZeroShotPipeline", "pipeline", "find_run_config", "load_tokenizer", "read_label_names"]
 
 LABELS_FILENAME = "labels.txt"
 """Label names saved with a classification or VQA model: line i names label i."""
@@ -67,65 +75,9 @@ embeddings are averaged, which is steadier than any single phrasing."""
 
 
 # ------------------------------------------------------------------ finding what a model folder needs
-def find_run_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``run.yaml`` training wrote next to a checkpoint (in it, or one or two folders up), as a
-    plain dict; ``{}`` when there is none (a folder written by ``save_pretrained``)."""
-    folder = Path(model_dir)
-    for candidate in (folder, folder.parent, folder.parent.parent):
-        file = candidate / "run.yaml"
-        if file.is_file():
-            return yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    return {}
-
-
-def _section(run: dict[str, Any], *keys: str) -> Any:
-    value: Any = run
-    for key in keys:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
 def load_tokenizer(model_dir: Path | None, given: TokenizerInput = None) -> Beit3Tokenizer:
-    """``given``, else the tokenizer saved in the model folder, else the one its training run used
-    (``task.options.tokenizer`` or the ``model.pretrained`` folder of ``run.yaml``)."""
-    if isinstance(given, Beit3Tokenizer):
-        return given
-    if given is not None:
-        return Beit3Tokenizer.from_pretrained(given)
-    candidates = []
-    if model_dir is not None and model_dir.is_dir():
-        run = find_run_config(model_dir)
-        pretrained = _section(run, "model", "pretrained")  # a folder may hold a tokenizer; a .pth file does not
-        candidates = [model_dir, _section(run, "task", "options", "tokenizer"),
-                      pretrained if pretrained and Path(pretrained).is_dir() else None]
-    for candidate in candidates:
-        if candidate and Path(candidate).exists():
-            try:
-                return Beit3Tokenizer.from_pretrained(candidate)
-            except FileNotFoundError:
-                continue
-    raise FileNotFoundError(
-        f"no tokenizer for {model_dir or 'this model'}: pass the SentencePiece file or tokenizer folder the model "
-        "was trained with (--tokenizer, or tokenizer= in Python), or save it into the model folder with "
-        "Beit3Tokenizer.save_pretrained")
-
-
-def load_image_processor(model_dir: Path | None, task: str, image_size: int) -> Beit3ImageProcessor:
-    """The evaluation pipeline saved in the model folder, else the task's official one at the model's size."""
-    if model_dir is not None and (model_dir / IMAGE_CONFIG).is_file():
-        saved = Beit3ImageProcessor.from_pretrained(model_dir).to_dict()
-        saved.pop("image_processor_class")
-        return Beit3ImageProcessor.from_dict({**saved, "train": False})  # never augment at inference
-    return Beit3ImageProcessor.for_task(task, image_size)
-
-
-def text_length(model_dir: Path | None, default: int = 64) -> int:
-    """Text length the model was trained with: ``processor_config.json``, else the run's ``max_text_len``."""
-    if model_dir is None or not model_dir.is_dir():
-        return default
-    if (model_dir / PROCESSOR_CONFIG).is_file():
-        return int(json.loads((model_dir / PROCESSOR_CONFIG).read_text(encoding="utf-8")).get("max_length", default))
-    return int(_section(find_run_config(model_dir), "task", "options", "max_text_len") or default)
+    """``given``, else the model folder's tokenizer, else its training run's (:func:`resolve_tokenizer`)."""
+    return resolve_tokenizer(given, model_dir)
 
 
 def read_label_names(path: str | os.PathLike) -> list[str]:
@@ -161,8 +113,8 @@ def resolve_label_names(model_dir: Path | None, count: int, given: Sequence[str]
         if given is None and model_dir is not None and model_dir.is_dir():
             files += [model_dir / LABELS_FILENAME, model_dir / run_file]
             run = find_run_config(model_dir)
-            root = _section(run, "data", "root")
-            option = _section(run, "task", "options", "answer2label") if run_file == "answer2label.txt" else None
+            root = run_setting(run, "data", "root")
+            option = run_setting(run, "task", "options", "answer2label") if run_file == "answer2label.txt" else None
             if root:
                 files.append(Path(root) / (option or run_file))
         found = next((f for f in files if f.is_file()), None)
@@ -198,8 +150,8 @@ def load_model(model: ModelInput, cls: type[Beit3PreTrainedModel], name: str) ->
     if path.is_dir() and config.is_file():
         architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
         if architecture != cls.__name__:
-            other = {c.model_class.__name__: name for name, c in PIPELINES.items()}.get(architecture)
-            hint = f" (use the '{other}' pipeline, `beit3 predict {CLI_NAMES[other]}`)" if other else ""
+            other = next((s for s in iter_tasks(having="pipeline") if s.model_class.__name__ == architecture), None)
+            hint = f" (use the '{other.name}' pipeline, `beit3 predict {other.verb}`)" if other else ""
             raise ValueError(f"{path} holds a {architecture}; the {name} pipeline needs a {cls.__name__}{hint}")
     return cls.from_pretrained(path)
 
@@ -222,11 +174,8 @@ class Pipeline:
     Build one with :func:`pipeline` or ``<Pipeline>.from_pretrained(model_dir)``.
     """
 
-    name: ClassVar[str]
-    """The pipeline's name for :func:`pipeline`."""
-    task: ClassVar[str]
-    """The processing task name, which picks the official image pipeline."""
     model_class: ClassVar[type[Beit3PreTrainedModel]]
+    """The model it runs; its task in the catalogue gives the name and the image pipeline."""
     needs_tokenizer: ClassVar[bool] = True
 
     def __init__(self, model: Beit3PreTrainedModel, image_processor: Beit3ImageProcessor,
@@ -237,19 +186,24 @@ class Pipeline:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.model = load_model(model, self.model_class, self.name).to(self.device).eval()
+        self.model = load_model(model, self.model_class, self.spec().name).to(self.device).eval()
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
 
     @classmethod
+    def spec(cls) -> TaskSpec:
+        return spec_for_model(cls.model_class)
+
+    @classmethod
     def from_pretrained(cls, model: ModelInput, *, tokenizer: TokenizerInput = None, batch_size: int = 8,
                         device: str | torch.device | None = None, **options: Any) -> "Pipeline":
         """Load the model and what goes with it from a model folder (see the module docstring)."""
         model_dir = Path(model) if not isinstance(model, Beit3PreTrainedModel) else None
-        instance = load_model(model, cls.model_class, cls.name)
-        return cls(instance, load_image_processor(model_dir, cls.task, instance.config.image_size),
+        spec = cls.spec()
+        instance = load_model(model, cls.model_class, spec.name)
+        return cls(instance, load_image_processor(model_dir, spec.image_mode, instance.config.image_size),
                    load_tokenizer(model_dir, tokenizer) if cls.needs_tokenizer else None,
                    max_length=text_length(model_dir), batch_size=batch_size, device=device,
                    **cls._options_from_folder(model_dir, instance, options))
@@ -314,7 +268,6 @@ class _LabelledPipeline(Pipeline):
 class CaptioningPipeline(Pipeline):
     """image(s) -> ``{"caption": str}``, by beam search with the key/value cache."""
 
-    name = task = "captioning"
     model_class = Beit3ForCaptioning
 
     @torch.no_grad()
@@ -337,7 +290,6 @@ class VQAPipeline(_LabelledPipeline):
     sum to 1). One question is asked of every image; a list pairs questions with images.
     """
 
-    name, task = "vqa", "vqav2"
     model_class = Beit3ForVisualQuestionAnswering
     label_file = "answer2label.txt"
 
@@ -359,7 +311,6 @@ class VQAPipeline(_LabelledPipeline):
 class ClassificationPipeline(_LabelledPipeline):
     """image(s) -> the ``top_k`` classes ``[{"label", "score"}]`` (softmax probabilities), best first."""
 
-    name = task = "classification"
     model_class = Beit3ForImageClassification
     needs_tokenizer = False
     label_file = "imagenet.classes.txt"
@@ -382,7 +333,6 @@ class VisualReasoningPipeline(Pipeline):
     one statement for all) give a list.
     """
 
-    name = task = "nlvr2"
     model_class = Beit3ForVisualReasoning
 
     @torch.no_grad()
@@ -413,7 +363,6 @@ class ZeroShotPipeline(Pipeline):
     ensembling). Scores are the softmax over classes of the model's scaled cosine similarities.
     """
 
-    name, task = "zero-shot", "retrieval"
     model_class = Beit3ForImageTextRetrieval
 
     def __init__(self, model: Beit3PreTrainedModel, image_processor: Beit3ImageProcessor,
@@ -464,26 +413,22 @@ class ZeroShotPipeline(Pipeline):
         return results if _is_batch(images) else results[0]
 
 
-PIPELINES: dict[str, type[Pipeline]] = {cls.name: cls for cls in (
-    CaptioningPipeline, VQAPipeline, ClassificationPipeline, VisualReasoningPipeline, ZeroShotPipeline)}
-CLI_NAMES = {"captioning": "caption", "vqa": "vqa", "classification": "classify", "nlvr2": "nlvr2",
-             "zero-shot": "zero-shot"}
-"""The `beit3 predict` sub-command that runs each pipeline."""
-ALIASES = {"caption": "captioning", "vqav2": "vqa", "classify": "classification", "imagenet": "classification",
-           "visual-reasoning": "nlvr2", "zero-shot-classification": "zero-shot"}
-
-
 def pipeline(task: str, model: ModelInput, *, tokenizer: TokenizerInput = None, batch_size: int = 8,
              device: str | torch.device | None = None, **options: Any) -> Pipeline:
     """A ready pipeline for ``task`` from a model folder (or a model instance with ``tokenizer=``).
 
-    task: ``captioning``, ``vqa``, ``classification``, ``nlvr2`` or ``zero-shot`` (also
-        ``caption``, ``vqav2``, ``classify``, ``imagenet``, ``visual-reasoning``).
+    task: a task of the catalogue that has a pipeline, by its name, an alias or its ``beit3 predict``
+        verb: ``captioning`` / ``caption``, ``vqav2`` / ``vqa``, ``classification`` / ``classify`` /
+        ``imagenet``, ``nlvr2`` / ``visual-reasoning``, ``zero-shot`` / ``retrieval``.
     options: ``labels`` (vqa, classification: a list or a file of names), ``classes`` and
         ``templates`` (zero-shot).
     """
-    name = ALIASES.get(task, task)
-    if name not in PIPELINES:
-        raise ValueError(f"unknown pipeline task {task!r}; expected one of {sorted(PIPELINES)}")
-    return PIPELINES[name].from_pretrained(model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                                           **options)
+    try:
+        spec = get_task(task)
+    except KeyError:
+        spec = None
+    if spec is None or spec.pipeline is None:
+        known = ", ".join(sorted(n for s in iter_tasks(having="pipeline") for n in s.names))
+        raise ValueError(f"unknown pipeline task {task!r}; expected one of {known}")
+    return spec.pipeline_class().from_pretrained(model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                                                 **options)

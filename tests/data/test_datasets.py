@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import beit3.data
 from beit3.data.datasets import (
     BadImageError,
     BadSampleWarning,
@@ -13,6 +14,7 @@ from beit3.data.datasets import (
     ImageTextDataset,
     NLVR2Dataset,
     VQADataset,
+    load_image,
     vqa_targets,
 )
 from beit3.data.index import EmptyDatasetError, IndexFormatError, write_jsonl
@@ -24,10 +26,10 @@ def pixels(image):
     return torch.from_numpy(np.array(image.resize((8, 8)))).permute(2, 0, 1).float()
 
 
-def fake_processor(images=None, text=None, task="vqav2"):
+def fake_processor(images=None, text=None):
     """Stands in for Beit3Processor: images -> (B, 3, 8, 8) or pairs -> (B, 2, 3, 8, 8), text -> lengths."""
     out = {}
-    if images is not None and task == "nlvr2":
+    if images is not None and isinstance(images[0], tuple):
         out["pixel_values"] = torch.stack([torch.stack([pixels(left), pixels(right)]) for left, right in images])
     elif images is not None:
         out["pixel_values"] = torch.stack([pixels(image) for image in images])
@@ -43,7 +45,7 @@ def test_datasets_read_the_synthetic_indexes(synthetic_world):
     assert isinstance(sample["image"], Image.Image) and sample["image"].size == (64, 64)
     assert isinstance(sample["text"], str) and len(sample["labels"]) == len(sample["scores"])
     nlvr2 = NLVR2Dataset(index / "nlvr2.train.index.jsonl")
-    assert set(nlvr2[0]) == {"image", "image2", "text", "label"}
+    assert set(nlvr2[0]) == {"image", "image2", "text", "label", "index"}
     captioning = ImageTextDataset(index / "coco_captioning.test.jsonl")
     assert captioning[0]["text"] is None and len(captioning[0]["references"]) == 5
     classes = ImageClassificationDataset(index / "imagenet.val.index.jsonl", transform=lambda s: s["label"])
@@ -57,11 +59,47 @@ def test_collator_builds_model_batches(synthetic_world):
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["input_ids"].shape == (2, 1)
     assert batch["labels"].shape == (2, 20) and batch["qid"].dtype == torch.long
     nlvr2 = NLVR2Dataset(index / "nlvr2.train.index.jsonl")
-    batch = Collator(fake_processor, task="nlvr2")([nlvr2[0], nlvr2[1], nlvr2[2]])
+    batch = Collator(fake_processor)([nlvr2[0], nlvr2[1], nlvr2[2]])
     assert batch["pixel_values"].shape == (3, 2, 3, 8, 8)
     assert batch["labels"].tolist() == [nlvr2.rows[i][1]["label"] for i in range(3)]
+    assert batch["index"].tolist() == [0, 1, 2] and batch["index"].dtype == torch.long
     with pytest.raises(ValueError, match="num_labels"):
         Collator(fake_processor)([vqa[0]])
+
+
+def test_every_sample_carries_the_index_asked_for(synthetic_world):
+    index = synthetic_world / "index"
+    datasets = [VQADataset(index / "vqa.train.jsonl"), NLVR2Dataset(index / "nlvr2.train.index.jsonl"),
+                ImageTextDataset(index / "coco_captioning.test.jsonl"),
+                ImageClassificationDataset(index / "imagenet.val.index.jsonl")]
+    for dataset in datasets:
+        for i in (0, 3, len(dataset) - 1):
+            assert dataset[i]["index"] == i and type(dataset[i]["index"]) is int
+    seen = ImageClassificationDataset(index / "imagenet.val.index.jsonl", transform=lambda s: s["index"])
+    assert seen[np.int64(5)] == 5 and type(seen[np.int64(5)]) is int
+
+
+def test_images_load_with_the_processing_loader(tmp_path):
+    """One loader for data and inference: EXIF orientation applied, transparency onto white."""
+    rgba = np.zeros((4, 6, 4), dtype=np.uint8)
+    rgba[:, :3] = (255, 0, 0, 255)  # left half opaque red, right half fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    write_jsonl(tmp_path / "index.jsonl", [{"image_path": "alpha.png", "label": 0},
+                                           {"image_path": "rotated.jpg", "label": 1}])
+    dataset = ImageClassificationDataset(tmp_path / "index.jsonl", strict=True)
+    alpha = dataset[0]["image"]
+    assert alpha.mode == "RGB" and alpha.getpixel((0, 0)) == (255, 0, 0) and alpha.getpixel((5, 0)) == (255, 255, 255)
+    assert dataset[1]["image"].size == (20, 40)
+    assert beit3.data.load_image is load_image
+    assert load_image(tmp_path / "rotated.jpg").size == (20, 40)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BadImageError, match="empty.png.*0 bytes"):
+        load_image(tmp_path / "empty.png")
+    with pytest.raises(BadImageError, match="nowhere.png"):
+        load_image(tmp_path / "nowhere.png")
 
 
 def test_vqa_targets_are_dense_soft_scores():
@@ -86,6 +124,7 @@ def test_corrupt_or_missing_image_is_skipped_with_a_warning_and_counted(index_wi
     assert ["corrupt.png" in str(w.message) for w in record] == [True, False]
     assert "missing.png" in str(record[1].message)
     assert sample["label"] == 3  # fell forward past the corrupt and the missing file
+    assert sample["index"] == 1  # the index asked for, so an epoch's indexes stay distinct
     assert dataset.skipped == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -122,6 +122,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_the_config_flag_and_the_method_checkpoint_every_block_the_same_way():
+    from torch.distributed._composable import checkpoint
+
+    from beit3.layers import checkpoint_blocks
+
+    assert all(checkpoint.state(block) is not None for block in Beit3Model(TINY.replace(gradient_checkpointing=True)).layers)
+    assert all(checkpoint.state(block) is None for block in Beit3Model(TINY).layers)
+    torch.manual_seed(0)
+    plain = Beit3ForVisualQuestionAnswering(TINY, num_labels=5)
+    checkpointed = Beit3ForVisualQuestionAnswering(TINY, num_labels=5)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.gradient_checkpointing_enable()
+    assert all(checkpoint.state(block) is not None for block in checkpointed.beit3.layers)
+    checkpoint_blocks(checkpointed.beit3.layers)  # what the engine does on top: no error
+    images, ids, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2, 5)), torch.rand(2, 5)
+    losses = [m(images, ids, labels=labels).loss for m in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=0, rtol=0, msg=name)
+
+
 def test_drop_path_is_stochastic_in_training_only():
     model = Beit3Model(TINY.replace(drop_path_rate=0.5))
     images = torch.randn(8, 3, 32, 32)
@@ -215,3 +238,20 @@ def test_resize_token_embeddings_keeps_old_rows():
     assert model.config.vocab_size == 1200 and model.beit3.config.vocab_size == 1200
     torch.testing.assert_close(model.beit3.text_embed.weight[:1000], old_embed)
     torch.testing.assert_close(model.mlm_head.weight[:1000], old_head)
+
+
+def test_resize_token_embeddings_resizes_only_the_text_vocabulary_heads():
+    from beit3.models import Beit3ForPreTraining
+
+    model = Beit3ForPreTraining(TINY, visual_vocab_size=50)
+    assert model.vocab_heads == ("mlm_head",)
+    old_head, old_bias, old_mim = model.mlm_head.weight.clone(), model.mlm_head.bias.clone(), model.mim_head
+    model.resize_token_embeddings(800)
+    assert model.beit3.text_embed.num_embeddings == 800 and model.mlm_head.out_features == 800
+    assert model.config.vocab_size == 800 and model.beit3.config.vocab_size == 800
+    torch.testing.assert_close(model.mlm_head.weight, old_head[:800])
+    torch.testing.assert_close(model.mlm_head.bias, old_bias[:800])
+    assert model.mim_head is old_mim  # its rows are visual tokens
+    vqa = Beit3ForVisualQuestionAnswering(TINY, num_labels=7)
+    vqa.resize_token_embeddings(1100)  # no vocabulary-sized head: only the embedding grows
+    assert vqa.beit3.text_embed.num_embeddings == 1100 and vqa.head[3].out_features == 7

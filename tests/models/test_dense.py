@@ -8,9 +8,8 @@ from beit3.models.dense import (
     Beit3ForInstanceSegmentation,
     Beit3ForSemanticSegmentation,
     Beit3VisionBackbone,
-    vision_features,
-    window_merge,
-    window_partition,
+    default_global_blocks,
+    feature_map,
 )
 
 TINY = Beit3Config.from_preset("tiny")  # patch 8
@@ -27,20 +26,13 @@ def test_pyramid_shapes_at_several_sizes(height, width):
         assert level.shape == (2, 32, *size)
 
 
-def test_window_partition_round_trip_with_padding():
-    x = torch.randn(2, 5, 7, 4)
-    windows, grid = window_partition(x, 3)
-    assert windows.shape == (2 * 2 * 3, 9, 4) and grid == (2, 3)
-    torch.testing.assert_close(window_merge(windows, grid, 3, (5, 7)), x)
-
-
 def test_windows_that_cover_the_image_equal_global_attention():
     beit3 = Beit3Model(TINY).eval()
     images = torch.randn(1, 3, 32, 32)  # a 4x4 patch grid
     with torch.no_grad():
-        global_features = vision_features(beit3, images)
-        one_window = vision_features(beit3, images, window_size=4, global_blocks=set())
-        small_windows = vision_features(beit3, images, window_size=2, global_blocks=set())
+        global_features = feature_map(beit3, images, window_size=0, global_blocks=())
+        one_window = feature_map(beit3, images, window_size=4, global_blocks=())
+        small_windows = feature_map(beit3, images, window_size=2, global_blocks=())
     torch.testing.assert_close(one_window, global_features, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(small_windows, global_features, atol=1e-3)
 
@@ -50,7 +42,7 @@ def test_features_equal_the_backbone_patch_tokens_without_cls():
     beit3 = Beit3Model(TINY).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        features = vision_features(beit3, images)
+        features = feature_map(beit3, images, window_size=0, global_blocks=default_global_blocks(2))
         x = beit3.embed_image(images)[:, 1:]
         for block in beit3.layers:
             x, _, _ = block(x, None, joint=False, attn_mask=None)

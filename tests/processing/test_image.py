@@ -1,7 +1,8 @@
-"""Beit3ImageProcessor and load_image: official pipelines, every input kind, and bad files."""
+"""Beit3ImageProcessor and load_image: official eval pipelines, every input kind, bad files, RandAugment ops."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -68,38 +69,6 @@ def test_eval_pipelines_match_hand_built_torchvision(crop_pct):
                           T.ToTensor(), T.Normalize(IN_MEAN, IN_STD)])
     ours = Beit3ImageProcessor(24, "imagenet", crop_pct=crop_pct).preprocess(img)
     torch.testing.assert_close(ours, imagenet(img), rtol=0, atol=0)
-
-
-def test_train_pipelines_match_hand_built_torchvision_without_randaug():
-    img = _random_image()
-    vl = T.Compose([T.RandomResizedCrop(24, scale=(0.5, 1.0), interpolation=BICUBIC), T.RandomHorizontalFlip(),
-                    T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    imagenet = T.Compose([T.RandomResizedCrop(24, scale=(0.08, 1.0), interpolation=BICUBIC),
-                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IN_MEAN, IN_STD),
-                          T.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")])
-    for mode, reference in (("vl", vl), ("imagenet", imagenet)):
-        ours = Beit3ImageProcessor(24, mode, train=True, randaug=False)
-        for seed in range(6):
-            torch.manual_seed(seed)
-            expected = reference(img)
-            torch.manual_seed(seed)
-            torch.testing.assert_close(ours.preprocess(img), expected, rtol=0, atol=0)
-
-
-def test_randaug_training_is_seeded_and_changes_images():
-    img = _random_image()
-    for task in ("vqav2", "classification"):
-        proc = Beit3ImageProcessor.for_task(task, 24, train=True)
-        plain = Beit3ImageProcessor(24, proc.mode, train=True, randaug=False, random_erasing=0.0)
-        torch.manual_seed(1)
-        first = torch.stack([proc.preprocess(img) for _ in range(8)])
-        torch.manual_seed(1)
-        again = torch.stack([proc.preprocess(img) for _ in range(8)])
-        torch.testing.assert_close(first, again, rtol=0, atol=0)
-        assert first.shape == (8, 3, 24, 24)
-        torch.manual_seed(1)
-        without = torch.stack([plain.preprocess(img) for _ in range(8)])
-        assert not torch.equal(first, without)
 
 
 def test_blip_ops_by_hand():
@@ -228,18 +197,14 @@ def test_bad_arrays_and_types():
 
 
 # ---------------------------------------------------------------------- config
-def test_for_task_and_save_load(tmp_path):
-    assert (Beit3ImageProcessor.for_task("nlvr2", 384).mode, Beit3ImageProcessor.for_task("nlvr2", 384).randaug) == ("vl", False)
-    classification = Beit3ImageProcessor.for_task("classification", 224, train=True)
-    assert classification.mode == "imagenet" and classification.random_erasing == 0.25
-    assert classification.crop_scale == (0.08, 1.0) and classification.mean == IN_MEAN
-    vqa = Beit3ImageProcessor.for_task("vqav2", 480, train=True)
-    assert vqa.crop_scale == (0.5, 1.0) and vqa.random_erasing == 0.0 and vqa.randaug
-    vqa.save_pretrained(tmp_path)
+def test_defaults_save_load_and_bad_settings(tmp_path):
+    assert Beit3ImageProcessor(224, "imagenet").mean == IN_MEAN and Beit3ImageProcessor(224, "imagenet").std == IN_STD
+    assert Beit3ImageProcessor(480, "vl").mean == (0.5, 0.5, 0.5)
+    processor = Beit3ImageProcessor(384, "imagenet", crop_pct=0.875, mean=(0.1, 0.2, 0.3))
+    processor.save_pretrained(tmp_path)
     loaded = Beit3ImageProcessor.from_pretrained(tmp_path)
-    assert loaded.to_dict() == vqa.to_dict()
-    with pytest.raises(ValueError, match="unknown task"):
-        Beit3ImageProcessor.for_task("segmentation", 224)
+    assert loaded.to_dict() == processor.to_dict()
+    assert set(loaded.to_dict()) == {"image_processor_class", "image_size", "mode", "crop_pct", "mean", "std"}
     with pytest.raises(ValueError, match="mode"):
         Beit3ImageProcessor(224, "clip")
     with pytest.raises(ValueError, match="unknown image processor settings"):
@@ -248,17 +213,31 @@ def test_for_task_and_save_load(tmp_path):
         Beit3ImageProcessor.from_pretrained(tmp_path / "nothing")
 
 
-def test_horizontal_flip_can_be_turned_off_and_round_trips():
-    """Training without flips keeps left and right (the synthetic world's labels say which)."""
-    left_red = np.zeros((32, 32, 3), np.uint8)
-    left_red[:, :16, 0] = 255
-    processor = Beit3ImageProcessor(32, "vl", train=True, randaug=False, crop_scale=(1.0, 1.0), horizontal_flip=False)
-    for _ in range(20):
-        pixels = processor(Image.fromarray(left_red))["pixel_values"][0]
-        assert pixels[0, :, :8].mean() > pixels[0, :, -8:].mean()
-    restored = Beit3ImageProcessor.from_dict(processor.to_dict())
-    assert restored.horizontal_flip is False
-    flipping = Beit3ImageProcessor(32, "vl", train=True, randaug=False, crop_scale=(1.0, 1.0))
+def test_processor_is_deterministic_and_takes_no_training_settings():
+    """What a model folder saves must give the same pixels on every call, whatever the seed."""
+    processor = Beit3ImageProcessor(24, "imagenet")
     torch.manual_seed(0)
-    sides = {bool(flipping(Image.fromarray(left_red))["pixel_values"][0, 0, :, :8].mean() > 0) for _ in range(20)}
-    assert sides == {True, False}
+    first = processor.preprocess(_random_image())
+    torch.manual_seed(1)
+    torch.testing.assert_close(processor.preprocess(_random_image()), first, rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        Beit3ImageProcessor(24, "vl", True)  # the old positional ``train``
+    for setting in ("train", "randaug", "crop_scale", "random_erasing", "horizontal_flip"):
+        with pytest.raises(TypeError):
+            Beit3ImageProcessor(24, "vl", **{setting: None})
+    assert not hasattr(Beit3ImageProcessor, "for_task")
+
+
+def test_old_config_with_training_settings_loads_as_the_eval_pipeline(tmp_path):
+    """preprocessor_config.json files written before the split hold training settings: dropped."""
+    old = {"image_processor_class": "Beit3ImageProcessor", "image_size": 24, "mode": "imagenet", "train": True,
+           "crop_pct": 0.875, "randaug": True, "crop_scale": [0.08, 1.0], "random_erasing": 0.25,
+           "mean": list(IN_MEAN), "std": list(IN_STD), "horizontal_flip": True}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(old, indent=2) + "\n")
+    loaded = Beit3ImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == Beit3ImageProcessor(24, "imagenet", crop_pct=0.875).to_dict()
+    img = _random_image()
+    torch.testing.assert_close(loaded.preprocess(img),
+                               Beit3ImageProcessor(24, "imagenet", crop_pct=0.875).preprocess(img), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"unknown image processor settings \['resample'\]"):
+        Beit3ImageProcessor.from_dict({**old, "resample": "nearest"})

@@ -11,6 +11,7 @@ from beit3.models import Beit3ForImageTextRetrieval
 from beit3.tasks.retrieval import RetrievalTask
 from beit3.training.config import config_from_dict
 from beit3.training.distributed import EvalSampler
+from beit3.training.evaluation import evaluate_batches
 from tests.tiny_pipelines import free_port
 
 BATCH, EVAL_ROWS, TEXT_LEN = 8, 7, 6
@@ -63,7 +64,7 @@ def grads_and_metrics(rank: int, world: int) -> tuple[dict[str, torch.Tensor], d
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.eval()
     with torch.no_grad():
-        metrics = task.evaluate(wrapped, eval_batches(rank, world))
+        metrics, _ = evaluate_batches(task, wrapped, eval_batches(rank, world), torch.device("cpu"))
     return grads, metrics, float(loss.detach())
 
 

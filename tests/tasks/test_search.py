@@ -53,7 +53,7 @@ def photos(tmp_path) -> Path:
 
 def reference_embeddings(model_dir: Path, paths) -> torch.Tensor:
     model = Beit3ForImageTextRetrieval.from_pretrained(model_dir).eval()
-    pixels = Beit3ImageProcessor.for_task("retrieval", model.config.image_size)([str(p) for p in paths])
+    pixels = Beit3ImageProcessor(model.config.image_size, "vl")([str(p) for p in paths])
     with torch.no_grad():
         return model.encode_image(pixels["pixel_values"])
 

@@ -17,6 +17,7 @@ from beit3.data.builders import read_answer2label
 from beit3.data.vqa_answers import answer_targets
 from beit3.tasks.metrics import vqa_accuracy
 from beit3.tasks.vqav2 import VQATask
+from beit3.training.evaluation import evaluate_batches
 from beit3.training.config import config_from_dict
 from beit3.training.distributed import EvalDataset, EvalSampler
 from tests.tiny_pipelines import free_port
@@ -46,9 +47,8 @@ def run_evaluate(task: VQATask, rank: int = 0, world: int = 1) -> tuple[dict[str
         return iter(loader)
 
     with torch.no_grad():
-        metrics = task.evaluate(model, batches())
-        predictions = dict(task.predict(model, batches()))
-    return metrics, predictions
+        metrics, stats = evaluate_batches(task, model, batches(), torch.device("cpu"))
+    return metrics, {qid: task.answers[label] for qid, label in stats["predictions"]}
 
 
 def write_index(world: Path, name: str, rows: list[dict]) -> str:

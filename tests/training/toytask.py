@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskSpec
 from beit3.training.config import RunConfig
-from beit3.training.distributed import all_reduce_sum
 
 
 @dataclass
@@ -78,8 +78,8 @@ class ToyDataset(Dataset):
 
 
 class ToyTask:
-    metric_name = "mse"
-    higher_is_better = False
+    spec = TaskSpec(name="toy", kind="finetune", description="toy regression", metric="mse", higher_is_better=False,
+                    statistics={"squared_error": "sum", "samples": "sum"})
 
     def __init__(self, options: dict[str, Any]) -> None:
         known = {"train_size", "val_size", "noise", "sleep", "nan_indices", "dim"}
@@ -111,14 +111,13 @@ class ToyTask:
         loss = torch.nn.functional.mse_loss(pred.float(), batch["y"])
         return loss, {"pred_mean": pred.detach().float().mean().item()}
 
-    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
-        sums = torch.zeros(2, dtype=torch.float64)
-        for batch in batches:
-            keep = ~batch["is_padding"]
-            err = (model(batch["x"]).float() - batch["y"]) ** 2
-            sums += torch.tensor([err[keep].sum().item(), keep.sum().item()], dtype=torch.float64)
-        all_reduce_sum(sums)
-        return {"mse": (sums[0] / sums[1]).item()}
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        keep = ~batch["is_padding"]
+        err = (model(batch["x"]).float() - batch["y"]) ** 2
+        return {"squared_error": err[keep].double().sum(), "samples": keep.sum()}
+
+    def compute_metrics(self, stats: dict[str, Any]) -> dict[str, float]:
+        return {"mse": float(stats["squared_error"] / stats["samples"])}
 
     def num_tokens(self, batch: dict[str, Any]) -> int:
         return int(batch["x"].numel())

@@ -1,8 +1,9 @@
 """Map-style datasets over the index files, returning raw samples, and a collator that makes batches.
 
-Samples are dicts of PIL images, raw strings and plain numbers. Tokenising and resizing happen in
-the processor given to ``Collator`` (or a ``transform`` given to the dataset), so a dataset does not
-depend on a tokenizer and one index serves every model size.
+Samples are dicts of PIL images, raw strings and plain numbers, plus the ``index`` they were asked
+for. Tokenising and resizing happen in the processor given to ``Collator`` (or a ``transform``
+given to the dataset), so a dataset does not depend on a tokenizer and one index serves every
+model size.
 
 A corrupt or missing image does not stop an epoch: the sample is replaced by the next readable one,
 a warning names the file, and ``skipped`` counts it (per process: each data-loader worker keeps its
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from beit3.data.index import DataError, EmptyDatasetError, read_jsonl, resolve_image_path
+from beit3.processing import image as processing_image
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Any]
@@ -35,13 +37,14 @@ class BadSampleWarning(UserWarning):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image fully as RGB; a missing or broken file raises ``BadImageError`` naming it."""
+    """:func:`beit3.processing.load_image` for data files (RGB, EXIF orientation applied, alpha
+    composited onto white, so training sees what inference sees); a missing or broken file raises
+    ``BadImageError`` naming it, which the datasets and streams skip."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        # PIL reports truncated or garbled files with any of these types.
-        raise BadImageError(f"cannot read image {path}: {err}") from None
+        return processing_image.load_image(path)
+    except (ValueError, OSError) as err:  # OSError: missing or unreadable (permissions) files
+        message = str(err)
+        raise BadImageError(message if str(path) in message else f"cannot read image '{path}': {message}") from None
 
 
 class IndexDataset(Dataset):
@@ -78,6 +81,11 @@ class IndexDataset(Dataset):
         return {"image": self.image(index_file, row)}
 
     def __getitem__(self, index: int) -> Any:
+        """The sample of row ``index`` with ``"index": index`` added, then ``transform``-ed.
+
+        A sample that falls forward past unreadable images keeps the ``index`` asked for, so the
+        indexes of an epoch stay distinct.
+        """
         # Fall forward to the next row rather than return None, so every batch keeps its size.
         for offset in range(len(self.rows)):
             index_file, row = self.rows[(index + offset) % len(self.rows)]
@@ -89,6 +97,7 @@ class IndexDataset(Dataset):
                 self.skipped += 1
                 warnings.warn(f"skipping sample: {err}", BadSampleWarning, stacklevel=2)
                 continue
+            sample["index"] = int(index)
             return self.transform(sample) if self.transform else sample
         raise DataError("no readable image in the whole dataset")
 
@@ -149,10 +158,11 @@ class Collator:
 
     ``processor(images=[...], text=[...], **processor_kwargs)`` (either of images/text may be absent)
     must return a mapping of tensors such as ``pixel_values``, ``input_ids`` and ``attention_mask``.
-    ``beit3.processing.Beit3Processor`` fits: pass its task, e.g. ``Collator(processor, task="nlvr2")``.
-    NLVR2 images go to the processor as (left, right) pairs, which it stacks to (B, 2, C, H, W).
+    ``beit3.processing.Beit3Processor`` fits as it is (e.g. ``Collator(processor, max_length=32)``):
+    it knows no task, what it returns follows from the inputs. NLVR2 images go to it as
+    (left, right) pairs, which it stacks to (B, 2, C, H, W).
     Added keys: ``labels`` (class ids, NLVR2 truth, or dense VQA soft scores, which need
-    ``num_labels``), ``image_id``/``qid`` tensors and ``references`` lists.
+    ``num_labels``), ``image_id``/``qid``/``index`` tensors and ``references`` lists.
     """
 
     def __init__(self, processor: Callable[..., Mapping[str, Any]], *, num_labels: int | None = None,
@@ -177,7 +187,7 @@ class Collator:
             if self.num_labels is None:
                 raise ValueError("VQA batches need num_labels (the size of answer2label.txt)")
             batch["labels"] = vqa_targets([s["labels"] for s in samples], [s["scores"] for s in samples], self.num_labels)
-        for key in ("image_id", "qid"):
+        for key in ("image_id", "qid", "index"):
             if key in first:
                 batch[key] = torch.tensor([sample[key] for sample in samples], dtype=torch.long)
         if "references" in first:

@@ -27,10 +27,16 @@ class FinetuneSpec:
 
     task: str
     recipe: str
-    metric: str
     title: str
     steps: int
     overrides: tuple[str, ...] = ()
+
+    @property
+    def metric(self) -> str:
+        """The statistic the task selects its best checkpoint on (from the catalogue)."""
+        from beit3.catalogue import get_task
+
+        return get_task(self.task).metric
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,12 @@ def _finetunes(scale: float) -> tuple[FinetuneSpec, ...]:
         return max(10, int(n * scale))
 
     return (
-        FinetuneSpec("imagenet", "tiny_imagenet.yaml", "acc1", "classification (top-1 %)", steps(300),
+        FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", steps(300),
                      ("task.options.mixup=0.0", "task.options.cutmix=0.0")),
-        FinetuneSpec("vqav2", "tiny_vqav2.yaml", "vqa_score", "VQA (VQA score %)", steps(2400)),
-        FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "accuracy", "NLVR2 (accuracy %)", steps(800)),
-        FinetuneSpec("retrieval", "tiny_retrieval.yaml", "average_score", "retrieval (mean R@1/5/10 %)", steps(500)),
-        FinetuneSpec("captioning", "tiny_captioning.yaml", "cider", "captioning (CIDEr)", steps(1600)),
+        FinetuneSpec("vqav2", "tiny_vqav2.yaml", "VQA (VQA score %)", steps(2400)),
+        FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "NLVR2 (accuracy %)", steps(800)),
+        FinetuneSpec("retrieval", "tiny_retrieval.yaml", "retrieval (mean R@1/5/10 %)", steps(500)),
+        FinetuneSpec("captioning", "tiny_captioning.yaml", "captioning (CIDEr)", steps(1600)),
     )
 
 
@@ -201,25 +207,26 @@ def baseline(task: str, index: Path) -> dict[str, Any]:
     def rows(name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (index / name).read_text().splitlines() if line.strip()]
 
-    if task == "imagenet":
-        train, val = rows("imagenet.train.index.jsonl"), rows("imagenet.val.index.jsonl")
+    from beit3.catalogue import get_task
+
+    spec = get_task(task)
+    if spec.name == "classification":
+        train, val = rows(spec.index_file("train")), rows(spec.index_file(spec.eval_split))
         top = Counter(r["label"] for r in train).most_common(1)[0][0]
         return {"name": "most frequent class", "value": 100 * sum(r["label"] == top for r in val) / len(val)}
-    if task == "nlvr2":
-        train, val = rows("nlvr2.train.index.jsonl"), rows("nlvr2.dev.index.jsonl")
+    if spec.name == "nlvr2":
+        train, val = rows(spec.index_file("train")), rows(spec.index_file(spec.eval_split))
         top = Counter(r["label"] for r in train).most_common(1)[0][0]
         return {"name": "majority label", "value": 100 * sum(r["label"] == top for r in val) / len(val)}
-    if task == "retrieval":
-        val = rows("coco_retrieval.val.jsonl")
+    if spec.name == "retrieval":
+        val = rows(spec.index_file(spec.eval_split))
         # A text's one image is in the top k of N images with probability k/N; an image's five
         # texts among 5N give about the same for each direction.
         images = len({r["image_id"] for r in val})
         return {"name": "random ranking", "value": 100 * sum(min(1.0, k / images) for k in (1, 5, 10)) / 3}
-    if task == "vqav2":
-        from beit3.tasks.vqav2 import TRAIN_INDEX, VAL_INDEX
-
+    if spec.name == "vqav2":
         # the model's own training and validation questions
-        train, val = [r for name in TRAIN_INDEX for r in rows(name)], rows(VAL_INDEX)
+        train, val = [r for name in spec.train_index() for r in rows(name)], rows(spec.index_file(spec.eval_split))
         by_type: dict[str, Counter] = defaultdict(Counter)
         for r in train:
             for label, score in zip(r["labels"], r["scores"]):
@@ -230,11 +237,11 @@ def baseline(task: str, index: Path) -> dict[str, Any]:
             guess = counts.most_common(1)[0][0] if counts else None
             score += dict(zip(r["labels"], r["scores"])).get(guess, 0.0)
         return {"name": "question-only prior", "value": 100 * score / len(val)}
-    if task == "captioning":
+    if spec.name == "captioning":
         from beit3.tasks.captioning import simple_tokenize
         from beit3.tasks.metrics import cider_d
 
-        refs = {r["image_id"]: [simple_tokenize(t) for t in r["references"]] for r in rows("coco_captioning.val.jsonl")}
+        refs = {r["image_id"]: [simple_tokenize(t) for t in r["references"]] for r in rows(spec.index_file(spec.eval_split))}
         ids = list(refs)
         slots = range(min(len(v) for v in refs.values()))
         scores = [cider_d({k: refs[ids[(i + 1) % len(ids)]][j] for i, k in enumerate(ids)}, refs)[0] for j in slots]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from beit3.catalogue import spec_for_model
 from beit3.demo.pipeline import DemoPlan
 from beit3.demo.report import BAD, GOOD, INK, SERIES_COLOURS, Series, captioned_grid, line_chart, retrieval_grid
 
@@ -138,7 +139,7 @@ def retrieval_examples(runs: Path, index: Path, queries: int = 6, k: int = 5) ->
     folder = runs / "retrieval_pretrained" / "final"
     model = Beit3ForImageTextRetrieval.from_pretrained(folder).eval()
     tokenizer = load_tokenizer(folder)
-    processor = load_image_processor(folder, "retrieval", model.config.image_size)
+    processor = load_image_processor(folder, spec_for_model(type(model)).image_mode, model.config.image_size)
     rows = _val_rows(index, "coco_retrieval.val.jsonl")
     paths = sorted({r["image_path"] for r in rows})
     images = [Image.open(index / p).convert("RGB") for p in paths]

@@ -16,17 +16,9 @@ from beit3.models.retrieval import Beit3ForImageTextRetrieval
 from beit3.models.visual_reasoning import Beit3ForVisualReasoning
 from beit3.models.vqa import Beit3ForVisualQuestionAnswering
 
-TASK_MODELS = {
-    "classification": Beit3ForImageClassification,
-    "vqav2": Beit3ForVisualQuestionAnswering,
-    "nlvr2": Beit3ForVisualReasoning,
-    "retrieval": Beit3ForImageTextRetrieval,
-    "captioning": Beit3ForCaptioning,
-}
-
 __all__ = [
     "Beit3Model", "Beit3PreTrainedModel", "Beit3ForImageClassification", "Beit3ForVisualQuestionAnswering",
     "Beit3ForVisualReasoning", "Beit3ForImageTextRetrieval", "Beit3ForCaptioning", "Beit3ModelOutput",
-    "ClassifierOutput", "RetrievalOutput", "CaptioningOutput", "CheckpointError", "TASK_MODELS",
+    "ClassifierOutput", "RetrievalOutput", "CaptioningOutput", "CheckpointError",
     "load_any_model", "Beit3ForSemanticSegmentation", "Beit3VisionBackbone", "Beit3ForInstanceSegmentation", "DetectionOutput", "count_parameters", "Beit3ForPreTraining", "PreTrainingOutput", "StreamResult",
 ]

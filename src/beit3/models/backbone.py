@@ -8,9 +8,11 @@ concatenation of the hidden states is needed between blocks.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from typing import Literal
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from beit3.config import Beit3Config
 from beit3.layers import (
@@ -23,6 +25,8 @@ from beit3.layers import (
     drop_path_mask,
     expert,
     resize_vision_pos_embed,
+    window_merge,
+    window_partition,
 )
 from beit3.layers.embeddings import POSITION_OFFSET
 from beit3.models.base import Beit3PreTrainedModel
@@ -76,6 +80,23 @@ class Block(nn.Module):
         return result.get("vision"), result.get("text"), kv
 
 
+def take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Block indices in timm's convention: None = all, n = the last n, a sequence = those blocks
+    (negative ones count from the end). Returned sorted, in the order the blocks run."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"indices={indices} asks for the last {indices} blocks; the model has {depth}")
+        return list(range(depth - indices, depth))
+    chosen = set()
+    for index in indices:
+        if not -depth <= index < depth:
+            raise ValueError(f"block index {index} is out of range for {depth} blocks")
+        chosen.add(index % depth)
+    return sorted(chosen)
+
+
 class Beit3Model(Beit3PreTrainedModel):
     """BEiT-3 backbone: images and text in, one hidden state per token out.
 
@@ -118,6 +139,8 @@ class Beit3Model(Beit3PreTrainedModel):
         else:
             self.norm = None
         self.init_weights()
+        if config.gradient_checkpointing:
+            self.gradient_checkpointing_enable()
 
     # ------------------------------------------------------------------------------------------
     def embed_image(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,12 +186,7 @@ class Beit3Model(Beit3PreTrainedModel):
         cache = []
         for index, block in enumerate(self.layers):
             past = past_key_values.layers[index] if past_key_values is not None else None
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                vision, text, kv = checkpoint(
-                    block, vision, text, joint=joint, attn_mask=mask, past_kv=past, use_reentrant=False
-                )
-            else:
-                vision, text, kv = block(vision, text, joint=joint, attn_mask=mask, past_kv=past)
+            vision, text, kv = block(vision, text, joint=joint, attn_mask=mask, past_kv=past)
             if use_cache:
                 cache.append(kv)
             if output_hidden_states:
@@ -183,6 +201,83 @@ class Beit3Model(Beit3PreTrainedModel):
             hidden_states=hidden_states,
             past_key_values=KVCache(cache, joint=joint) if use_cache else None,
         )
+
+    # ------------------------------------------------------------------------------------------
+    # The vision backbone API of timm, for image classifiers and dense-prediction heads
+    def forward_features(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + N, D): CLS and patch tokens after the final norm (V experts only)."""
+        return self(pixel_values=pixel_values, image_mask=image_mask).last_hidden_state
+
+    def forward_intermediates(
+        self,
+        pixel_values: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        image_mask: torch.Tensor | None = None,
+        norm: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+        keep_cls_token: bool = True,
+        window_size: int = 0,
+        global_blocks: Collection[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """The vision-only pass, also returning the outputs of chosen blocks (timm's conventions).
+
+        indices: which blocks to return, see `take_indices` (None: all; 1: the last).
+        norm: pass each returned block output through the final norm too (when the model has one).
+        output_fmt: ``"NCHW"``: patch maps (B, D, H/P, W/P); ``"NLC"``: patch tokens (B, N, D).
+            Either way the CLS token is left out of the intermediates, as in timm.
+        intermediates_only: return only the list, and run no block after the last one asked for.
+        keep_cls_token: False drops the CLS token before the first block, as ViTDet has none: the
+            patches then only see each other, and the final output is (B, N, D).
+        window_size: with W > 0, every block not in ``global_blocks`` attends only within
+            non-overlapping W x W windows of patches (ViTDet); the grid is zero-padded to
+            multiples of W inside those blocks. Needs ``keep_cls_token=False``: the CLS token
+            belongs to no window.
+        global_blocks: indices of the blocks that attend over the whole image when windowing.
+
+        Returns ``(final, intermediates)``, ``final`` being the last block's output after the
+        final norm ((B, 1 + N, D), as `forward_features`), or the intermediates alone.
+        """
+        self._check_inputs(pixel_values, None, None, image_mask, 0)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0, got {window_size}")
+        if window_size and keep_cls_token:
+            raise ValueError("windowed attention needs keep_cls_token=False: the CLS token belongs to no window")
+        depth = len(self.layers)
+        if any(not 0 <= index < depth for index in global_blocks):
+            raise ValueError(f"global_blocks {sorted(global_blocks)} are not all in [0, {depth})")
+        wanted = take_indices(depth, indices)
+        last = wanted[-1] if intermediates_only else depth - 1
+        patch = self.config.patch_size
+        rows, cols = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+        final_norm = expert(self.norm, "vision") if self.norm is not None else nn.Identity()
+
+        x = self.embed_image(pixel_values, image_mask)  # (B, 1 + N, D)
+        if not keep_cls_token:
+            x = x[:, 1:]  # (B, N, D)
+        batch, _, dim = x.shape
+        intermediates = []
+        for index, block in enumerate(self.layers[: last + 1]):
+            if window_size and index not in global_blocks:
+                windows, grid = window_partition(x.view(batch, rows, cols, dim), window_size)  # (B * windows, W * W, D)
+                windows, _, _ = block(windows, None, joint=False, attn_mask=None)
+                x = window_merge(windows, grid, window_size, (rows, cols)).reshape(batch, -1, dim)
+            else:
+                x, _, _ = block(x, None, joint=False, attn_mask=None)
+            if index in wanted:
+                intermediates.append(final_norm(x) if norm else x)
+
+        if keep_cls_token:
+            intermediates = [y[:, 1:] for y in intermediates]  # (B, N, D)
+        if output_fmt == "NCHW":
+            # A view in channels-last memory order (no copy), as the dense heads have always received it.
+            intermediates = [y.transpose(1, 2).reshape(batch, dim, rows, cols) for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return final_norm(x), intermediates
 
     # ------------------------------------------------------------------------------------------
     @staticmethod

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from beit3.config import Beit3Config
+from beit3.layers import checkpoint_blocks
 from beit3.models.convert import BACKBONE_PREFIX, CheckpointError, infer_config, read_state_dict, to_task_form
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class Beit3PreTrainedModel(nn.Module):
 
     #: The release's choice of a final LayerNorm for this task (None: whatever the weights have).
     official_final_norm: ClassVar[bool | None] = None
+    #: Names of the linear heads with one output row per text token id, which
+    #: `resize_token_embeddings` resizes together with the text embedding.
+    vocab_heads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Beit3Config):
         super().__init__()
@@ -85,6 +89,18 @@ class Beit3PreTrainedModel(nn.Module):
                     param[2 * dim:].mul_(gain)  # the value rows of the fused projection
 
     # ------------------------------------------------------------------------------------------
+    # Training memory
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute every backbone block in the backward pass instead of storing its activations.
+
+        Same loss and gradients, less memory, about one more forward of compute. A model built
+        from a config with ``gradient_checkpointing=True`` calls this at construction; the
+        training engine's ``parallel.activation_checkpointing`` applies the same
+        `beit3.layers.checkpoint_blocks`, and applying it twice is harmless.
+        """
+        checkpoint_blocks(self.backbone.layers)
+
+    # ------------------------------------------------------------------------------------------
     # Optimiser metadata
     def no_weight_decay(self) -> set[str]:
         """Names of multi-dimensional parameters that must not be decayed (positions, CLS, scale)."""
@@ -109,7 +125,8 @@ class Beit3PreTrainedModel(nn.Module):
         return getattr(self, "beit3", self)
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
-        """Grow or shrink the text embedding (and any vocabulary-sized head), keeping old rows."""
+        """Grow or shrink the text embedding and the heads named in ``vocab_heads``, keeping old
+        rows; new rows are freshly initialised."""
         backbone = self.backbone
         old = backbone.text_embed
         if vocab_size == old.num_embeddings:
@@ -120,13 +137,11 @@ class Beit3PreTrainedModel(nn.Module):
         with torch.no_grad():
             new.weight[:keep] = old.weight[:keep]
         backbone.text_embed = new
-        self._resize_vocab_heads(vocab_size, keep)
+        for name in self.vocab_heads:
+            setattr(self, name, resize_linear_rows(getattr(self, name), vocab_size))  # INIT_STD, as the heads' own init
         self.config = self.config.replace(vocab_size=vocab_size)
         if backbone is not self:
             backbone.config = self.config
-
-    def _resize_vocab_heads(self, vocab_size: int, keep: int) -> None:
-        """Task models with a vocabulary-sized output override this."""
 
     # ------------------------------------------------------------------------------------------
     # Saving and loading

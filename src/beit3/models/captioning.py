@@ -10,7 +10,7 @@ from torch import nn
 from beit3.config import Beit3Config
 from beit3.layers import caption_attention_mask
 from beit3.models.backbone import Beit3Model
-from beit3.models.base import INIT_STD, Beit3PreTrainedModel, resize_linear_rows
+from beit3.models.base import INIT_STD, Beit3PreTrainedModel
 from beit3.models.heads import init_head
 from beit3.models.outputs import CaptioningOutput
 
@@ -53,6 +53,7 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
     """
 
     official_final_norm = True
+    vocab_heads = ("mlm_head",)
 
     def __init__(
         self,
@@ -202,6 +203,3 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         return {"bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
                 "eos_token_id": self.eos_token_id, "mask_token_id": self.mask_token_id,
                 "label_smoothing": self.label_smoothing}
-
-    def _resize_vocab_heads(self, vocab_size: int, keep: int) -> None:
-        self.mlm_head = resize_linear_rows(self.mlm_head, vocab_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -27,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", type=Path, help="input .pth / .pt / .bin / .safetensors file")
     parser.add_argument("output", type=Path, help="output directory (created)")
-    parser.add_argument("--task", default="auto",
-                        choices=["auto", "backbone", "classification", "vqav2", "nlvr2", "retrieval", "captioning"],
+    parser.add_argument("--task", default="auto", choices=["auto", "backbone", *_convertible()],
                         help="model to build (default: auto, detected from the checkpoint's head keys)")
     parser.add_argument("--image-size", type=int, help="resample the vision position table to this image size")
     parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as every release)")
@@ -39,23 +39,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_convert)
 
 
+def _convertible() -> list[str]:
+    """The catalogue's tasks whose checkpoints ``convert`` recognises by their head keys."""
+    from beit3.catalogue import iter_tasks
+
+    return [spec.name for spec in iter_tasks("finetune", having="head_keys")]
+
+
 def detect_task(state: dict) -> str:
-    """Which task a (task-form) state dict was trained for, from its head keys."""
-    if "mlm_head.weight" in state:
-        return "captioning"
-    if "vision_head.weight" in state and "language_head.weight" in state:
-        return "retrieval"
-    if "head.dense1.weight" in state:
-        return "nlvr2"
-    if "pooler.dense.weight" in state:
-        return "vqav2"
-    if "fc_norm.weight" in state and "head.weight" in state:
-        return "classification"
-    return "backbone"
+    """Which task a (task-form) state dict was trained for: the task whose declared head keys
+    are all present, the one with the most keys first (NLVR2's head sits beside a pooler, for
+    instance); ``backbone`` when none fits."""
+    from beit3.catalogue import iter_tasks
+
+    fitting = [spec for spec in iter_tasks("finetune", having="head_keys") if all(k in state for k in spec.head_keys)]
+    if not fitting:
+        return "backbone"
+    most = max(len(spec.head_keys) for spec in fitting)
+    best = [spec for spec in fitting if len(spec.head_keys) == most]
+    if len(best) > 1:
+        raise ValueError(f"the checkpoint's head keys fit the tasks {', '.join(s.name for s in best)}; pass --task")
+    return best[0].name
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from beit3.models import TASK_MODELS, Beit3Model, count_parameters
+    from beit3.catalogue import get_task
+    from beit3.models import Beit3Model, count_parameters
     from beit3.models.convert import read_state_dict, to_task_form
 
     if not args.checkpoint.is_file():
@@ -63,9 +72,9 @@ def run_convert(args: argparse.Namespace) -> int:
                                 "(see docs/models.md) or a timm .safetensors file")
     state, layout = to_task_form(read_state_dict(args.checkpoint))
     task = detect_task(state) if args.task == "auto" else args.task
-    cls = Beit3Model if task == "backbone" else TASK_MODELS[task]
+    cls = Beit3Model if task == "backbone" else get_task(task).model_class
     overrides = {k: v for k, v in (("image_size", args.image_size), ("num_heads", args.num_heads)) if v}
-    if task == "captioning" and args.mask_token_id is not None:
+    if args.mask_token_id is not None and "mask_token_id" in inspect.signature(cls.__init__).parameters:
         overrides["mask_token_id"] = args.mask_token_id
     model = cls.from_pretrained(args.checkpoint, init_head=args.init_head, **overrides)
     model.save_pretrained(args.output)

@@ -8,6 +8,7 @@ large images most blocks can attend inside non-overlapping windows (ViTDet), the
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.config import Beit3Config
-from beit3.layers import expert
 from beit3.models.backbone import Beit3Model
 from beit3.models.base import Beit3PreTrainedModel
 from beit3.models.outputs import ClassifierOutput
@@ -26,24 +26,6 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, D) -> (B * windows, window * window, D), zero-padding H and W to multiples."""
-    batch, height, width, dim = x.shape
-    pad_h, pad_w = (-height) % window, (-width) % window
-    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    rows, cols = (height + pad_h) // window, (width + pad_w) // window
-    x = x.view(batch, rows, window, cols, window, dim).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch * rows * cols, window * window, dim), (rows, cols)
-
-
-def window_merge(x: torch.Tensor, grid: tuple[int, int], window: int, size: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `window_partition`: (B * windows, window * window, D) -> (B, H, W, D)."""
-    rows, cols = grid
-    dim = x.shape[-1]
-    x = x.view(-1, rows, cols, window, window, dim).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, rows * window, cols * window, dim)[:, : size[0], : size[1]]
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -78,35 +60,34 @@ def default_global_blocks(depth: int) -> set[int]:
     return {max(0, depth * quarter // 4 - 1) for quarter in (1, 2, 3, 4)}
 
 
-def vision_features(beit3: Beit3Model, pixel_values: torch.Tensor, window_size: int = 0,
-                    global_blocks: set[int] | None = None) -> torch.Tensor:
+def feature_map(beit3: Beit3Model, pixel_values: torch.Tensor, window_size: int,
+                global_blocks: Collection[int]) -> torch.Tensor:
     """(B, C, H, W) -> the last block's patch features as a (B, D, H/P, W/P) map (V experts only).
 
-    The CLS token is dropped (ViTDet has none). With ``window_size`` > 0, blocks not in
-    ``global_blocks`` attend within non-overlapping windows of that many patches a side.
+    The CLS token is dropped before the blocks (ViTDet has none); the final norm applies when the
+    backbone has one. With ``window_size`` > 0, blocks not in ``global_blocks`` attend within
+    non-overlapping windows of that many patches a side.
     """
-    patch = beit3.config.patch_size
-    height, width = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-    global_blocks = default_global_blocks(beit3.config.num_layers) if global_blocks is None else global_blocks
-    x = beit3.embed_image(pixel_values)[:, 1:]  # (B, N, D) patches with positions
-    batch, _, dim = x.shape
-    for index, block in enumerate(beit3.layers):
-        if window_size and index not in global_blocks:
-            windows, grid = window_partition(x.view(batch, height, width, dim), window_size)
-            windows, _, _ = block(windows, None, joint=False, attn_mask=None)
-            x = window_merge(windows, grid, window_size, (height, width)).reshape(batch, -1, dim)
-        else:
-            x, _, _ = block(x, None, joint=False, attn_mask=None)
-    if beit3.norm is not None:
-        x = expert(beit3.norm, "vision")(x)
-    return x.transpose(1, 2).reshape(batch, dim, height, width)
+    (features,) = beit3.forward_intermediates(
+        pixel_values, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True, keep_cls_token=False,
+        window_size=window_size, global_blocks=global_blocks,
+    )
+    return features
+
+
+def detection_maps(levels: list[torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Pyramid levels -> torchvision's dict of maps {"0", "1", ...}, plus the extra "pool" level
+    (stride 2 over the coarsest) that its RPN expects for a fifth anchor size."""
+    maps = OrderedDict((str(i), level) for i, level in enumerate(levels))
+    maps["pool"] = F.max_pool2d(levels[-1], 1, stride=2)
+    return maps
 
 
 class Beit3VisionBackbone(nn.Module):
     """Beit3Model's vision path -> OrderedDict of pyramid maps {"0": P/4, "1": P/2, "2": P, "3": 2P, "pool": 4P}.
 
     Follows torchvision's detection backbone contract (``out_channels``, a dict of maps), so it
-    plugs into ``torchvision.models.detection.MaskRCNN``. See `vision_features` for windows.
+    plugs into ``torchvision.models.detection.MaskRCNN``. See `feature_map` for windows.
     """
 
     def __init__(self, beit3: Beit3Model, out_channels: int = 256, window_size: int = 0,
@@ -119,13 +100,10 @@ class Beit3VisionBackbone(nn.Module):
         self.pyramid = SimpleFeaturePyramid(beit3.config.hidden_size, out_channels)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return vision_features(self.beit3, pixel_values, self.window_size, self.global_blocks)
+        return feature_map(self.beit3, pixel_values, self.window_size, self.global_blocks)
 
     def forward(self, pixel_values: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        levels = self.pyramid(self.features(pixel_values))
-        maps = OrderedDict((str(i), level) for i, level in enumerate(levels))
-        maps["pool"] = F.max_pool2d(levels[-1], 1, stride=2)  # the extra level torchvision's RPN expects
-        return maps
+        return detection_maps(self.pyramid(self.features(pixel_values)))
 
 
 @dataclass
@@ -187,10 +165,8 @@ class Beit3ForInstanceSegmentation(Beit3PreTrainedModel):
         self.transform, self.rpn, self.roi_heads = detector.transform, detector.rpn, detector.roi_heads
 
     def feature_maps(self, pixel_values: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        levels = self.pyramid(vision_features(self.beit3, pixel_values, self.window_size))
-        maps = OrderedDict((str(i), level) for i, level in enumerate(levels))
-        maps["pool"] = F.max_pool2d(levels[-1], 1, stride=2)  # the extra level the RPN's 5 anchor sizes use
-        return maps
+        global_blocks = default_global_blocks(self.config.num_layers)
+        return detection_maps(self.pyramid(feature_map(self.beit3, pixel_values, self.window_size, global_blocks)))
 
     def forward(self, pixel_values: torch.Tensor | list[torch.Tensor],
                 targets: list[dict[str, torch.Tensor]] | None = None) -> DetectionOutput:
@@ -243,7 +219,8 @@ class Beit3ForSemanticSegmentation(Beit3PreTrainedModel):
         self.classifier = nn.Conv2d(out_channels, num_labels, 1)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
-        levels = self.pyramid(vision_features(self.beit3, pixel_values, self.window_size))
+        global_blocks = default_global_blocks(self.config.num_layers)
+        levels = self.pyramid(feature_map(self.beit3, pixel_values, self.window_size, global_blocks))
         target = levels[0].shape[-2:]
         fused = sum(F.interpolate(head(level), size=target, mode="bilinear", align_corners=False)
                     if level.shape[-2:] != target else head(level)

@@ -20,7 +20,7 @@ from torch import nn
 
 from beit3.config import Beit3Config
 from beit3.models.backbone import Beit3Model
-from beit3.models.base import INIT_STD, Beit3PreTrainedModel, init_module
+from beit3.models.base import INIT_STD, Beit3PreTrainedModel
 from beit3.models.heads import init_head
 
 IGNORE_INDEX = -100
@@ -74,6 +74,7 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
     """
 
     official_final_norm = True
+    vocab_heads = ("mlm_head",)  # the mim_head's rows are visual tokens: a new text vocabulary leaves it alone
 
     def __init__(self, config: Beit3Config, visual_vocab_size: int = 8192):
         super().__init__(config)
@@ -162,12 +163,3 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
     def head_args_from_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         weight = state.get("mim_head.weight")
         return {} if weight is None else {"visual_vocab_size": int(weight.shape[0])}
-
-    def _resize_vocab_heads(self, vocab_size: int, keep: int) -> None:
-        old = self.mlm_head
-        new = nn.Linear(old.in_features, vocab_size, device=old.weight.device, dtype=old.weight.dtype)
-        init_module(new)  # as the head itself (INIT_STD)
-        with torch.no_grad():
-            new.weight[:keep] = old.weight[:keep]
-            new.bias[:keep] = old.bias[:keep]
-        self.mlm_head = new

@@ -14,7 +14,7 @@ Options: ``tokenizer`` (else the one saved with ``model.pretrained``), ``pairs``
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskSpec, register_task
 from beit3.pretraining.data import collect_refs
 
 _KNOWN = {"tokenizer", "pairs", "val_size", "text_length", "crop_scale"}
@@ -30,9 +31,10 @@ _KNOWN = {"tokenizer", "pairs", "val_size", "text_length", "crop_scale"}
 class PairDataset(Dataset):
     """Image-text pairs from tar shards -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``index``."""
 
-    def __init__(self, source: Any, refs: list[Any], tokenizer: Any, image_processor: Any, text_length: int):
+    def __init__(self, source: Any, refs: list[Any], tokenizer: Any, image_transform: Callable[[Any], torch.Tensor],
+                 text_length: int):
         self.source, self.refs, self.tokenizer = source, refs, tokenizer
-        self.image_processor, self.text_length = image_processor, text_length
+        self.image_transform, self.text_length = image_transform, text_length
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -40,14 +42,18 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.source.load(self.refs[index])
         text = self.tokenizer([sample["text"]], max_length=self.text_length, padding="max_length")
-        return {"pixel_values": self.image_processor.preprocess(sample["image"]),
+        return {"pixel_values": self.image_transform(sample["image"]),
                 "input_ids": text["input_ids"][0], "attention_mask": text["attention_mask"][0],
                 "index": torch.tensor(index)}
 
 
+@register_task
 class ContrastiveTuningTask:
-    metric_name = "average_score"
-    higher_is_better = True
+    spec = TaskSpec(
+        name="itc", kind="pretrain", description="image-text contrastive intermediate tuning of the dual encoder "
+        "(the release's -itc models)", metric="average_score",
+        statistics={"image_embeds": "gather", "text_embeds": "gather", "index": "gather"},
+    )
 
     def __init__(self, cfg: Any) -> None:
         from beit3.tasks.common import load_tokenizer
@@ -59,18 +65,16 @@ class ContrastiveTuningTask:
         self.options = options
         self.tokenizer = load_tokenizer(options, cfg)
         self.root = Path(cfg.data.root) if cfg.data.root else None
-        self.patch_size = 16
 
     def build_model(self, cfg: Any) -> nn.Module:
         from beit3.models import Beit3ForImageTextRetrieval
         from beit3.tasks.common import build_task_model
 
-        model = build_task_model(Beit3ForImageTextRetrieval, cfg, self.tokenizer)
-        self.patch_size = model.config.patch_size
-        return model
+        return build_task_model(Beit3ForImageTextRetrieval, cfg, self.tokenizer)
 
     def build_datasets(self, cfg: Any) -> tuple[Dataset, Dataset | None]:
         from beit3.data import TarShards
+        from beit3.data.transforms import train_image_transform
         from beit3.processing import Beit3ImageProcessor
 
         pattern = self.options.get("pairs", "pretrain/pairs/*.tar")
@@ -83,43 +87,35 @@ class ContrastiveTuningTask:
             raise ValueError(f"itc pairs: {len(refs)} samples, not more than val_size={val_size}")
         length = int(self.options.get("text_length", 64))
         scale = tuple(self.options.get("crop_scale", (0.5, 1.0)))
-        train_images = Beit3ImageProcessor(cfg.model.image_size, "vl", True, randaug=False, crop_scale=scale)
-        eval_images = Beit3ImageProcessor(cfg.model.image_size, "vl", False)
+        train_images = train_image_transform(cfg.model.image_size, mode="vl", randaug=False, crop_scale=scale)
+        eval_images = Beit3ImageProcessor(cfg.model.image_size, "vl").preprocess
         train = PairDataset(source, refs[: len(refs) - val_size], self.tokenizer, train_images, length)
         val = PairDataset(source, refs[len(refs) - val_size:], self.tokenizer, eval_images, length) if val_size else None
         return train, val
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        from beit3.tasks.retrieval import distributed_contrastive_loss, scale_from_logits
+        from beit3.training.contrastive import distributed_contrastive_loss, scale_from_logits
 
         out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"], return_loss=False)
         scale = scale_from_logits(out.logits_per_image, out.image_embeds, out.text_embeds)
         loss = distributed_contrastive_loss(out.image_embeds, out.text_embeds, scale)
-        return loss, {"logit_scale": float(scale.detach())}
+        return loss, {"logit_scale": scale.detach()}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+        keep = ~batch["is_padding"].bool()
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"], return_loss=False)
+        return {"image_embeds": [out.image_embeds[keep].float().cpu()], "text_embeds": [out.text_embeds[keep].float().cpu()],
+                "index": [batch["index"][keep].cpu()]}
+
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
         """Recall@1/5/10 both ways over the held-out pairs (each image has one caption)."""
         from beit3.tasks.metrics import retrieval_recall
-        from beit3.training.distributed import all_gather_objects
 
-        images, texts, ids = [], [], []
-        for batch in batches:
-            keep = ~batch["is_padding"].bool()
-            out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"], return_loss=False)
-            images.append(out.image_embeds[keep].float().cpu())
-            texts.append(out.text_embeds[keep].float().cpu())
-            ids.append(batch["index"][keep].cpu())
-        local = (torch.cat(images), torch.cat(texts), torch.cat(ids))
-        parts = all_gather_objects(local)
-        image_embeds, text_embeds, index = (torch.cat([p[i] for p in parts]) for i in range(3))
+        image_embeds, text_embeds, index = (torch.cat(stats[key]) for key in ("image_embeds", "text_embeds", "index"))
         return retrieval_recall(image_embeds, index, text_embeds, index)
-
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        side = batch["pixel_values"].shape[-1] // self.patch_size
-        return batch["pixel_values"].shape[0] * (side * side + 1) + int(batch["attention_mask"].sum())
 
 
 def make_task(cfg: Any) -> ContrastiveTuningTask:

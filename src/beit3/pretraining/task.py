@@ -32,30 +32,36 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from beit3.catalogue import TaskSpec, register_task
 from beit3.pretraining.data import MaskedDataModelingDataset, MaskingOptions, collect_refs
 from beit3.pretraining.vqkd import VQKD
 
 logger = logging.getLogger(__name__)
 
 STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
+EVAL_STREAMS = (*STREAMS, "pair_mlm_shuffled")
 _MASKING_KEYS = {f.name for f in dataclasses.fields(MaskingOptions)}
 _KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "vocab_size", "images", "pairs", "texts",
                           "val_size", "crop_scale", "color_jitter", "horizontal_flip", "loss_weights"}
 
 
+@register_task
 class MaskedDataModelingTask:
     """The TrainTask of BEiT-3 pretraining."""
 
-    metric_name = "loss"
-    higher_is_better = False
+    spec = TaskSpec(
+        name="mdm", kind="pretrain", description="BEiT-3 masked data modeling on images, "
+        "texts and pairs", metric="loss", higher_is_better=False,
+        statistics={"streams": "sum", **{f"{key}_histogram": "sum" for key in ("text_mlm", "pair_mlm", "image_mim",
+                                                                              "pair_mim")}},
+    )
 
     def __init__(self, cfg: Any) -> None:
         options = dict(cfg.task.options)
@@ -74,17 +80,40 @@ class MaskedDataModelingTask:
             weights[name] = float(value)
         self.loss_weights = weights
         self.root = Path(cfg.data.root) if cfg.data.root else None
-        self.visual_tokenizer = VQKD.from_pretrained(self._path(options["visual_tokenizer"])).freeze()
-        self.tokenizer = self._text_tokenizer(cfg)
+        self.cfg = cfg
+        self._tokenizers: tuple[Any, VQKD] | None = None
+
+    def setup(self, cfg: Any, dist: Any = None) -> None:
+        """Load the visual tokenizer and get the text tokenizer: trained on the corpus when none is
+        given. The engine runs this on the main process first, then on the others, which load the
+        tokenizer the main one saved instead of training it again."""
+        visual = VQKD.from_pretrained(self._path(self.options["visual_tokenizer"])).freeze()
+        main = dist is None or dist.is_main
+        self._tokenizers = (self._text_tokenizer(cfg, main), visual)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizers is None:
+            self.setup(self.cfg)
+        return self._tokenizers[0]
+
+    @property
+    def visual_tokenizer(self) -> VQKD:
+        if self._tokenizers is None:
+            self.setup(self.cfg)
+        return self._tokenizers[1]
 
     # ------------------------------------------------------------------------------ building
     def _path(self, value: str) -> str:
         return str(self.root / value) if self.root is not None and not Path(value).is_absolute() else value
 
-    def _text_tokenizer(self, cfg: Any):
+    def _text_tokenizer(self, cfg: Any, main: bool):
         from beit3.processing import Beit3Tokenizer, train_tokenizer
 
         given = self.options.get("tokenizer")
+        saved = Path(cfg.train.output_dir) / "text_tokenizer"
+        if not main:  # the main process has put it there
+            return Beit3Tokenizer.from_pretrained(saved)
         if given:
             path = Path(self._path(given))
             tokenizer = Beit3Tokenizer.from_pretrained(path) if path.is_dir() else Beit3Tokenizer(path)
@@ -94,9 +123,7 @@ class MaskedDataModelingTask:
                 raise FileNotFoundError("no text files for the tokenizer; set task.options.tokenizer or texts")
             tokenizer = train_tokenizer(texts, int(self.options.get("text_vocab_size", 256)), progress=False,
                                         num_threads=1)
-        if int(os.environ.get("RANK", "0")) == 0:  # the task is built before the process group
-            # Kept with the run, so export_pretrained() ships it next to the weights.
-            tokenizer.save_pretrained(Path(cfg.train.output_dir) / "text_tokenizer")
+        tokenizer.save_pretrained(saved)  # kept with the run: export_pretrained() ships it next to the weights
         return tokenizer
 
     def build_model(self, cfg: Any) -> nn.Module:
@@ -173,46 +200,49 @@ class MaskedDataModelingTask:
         return self._weighted_loss(out), logs
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        from beit3.training.distributed import all_reduce_sum
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per stream: (loss x targets, correct, targets), and the histograms of the targets.
 
-        keys = [*STREAMS, "pair_mlm_shuffled"]
-        totals = torch.zeros(len(keys), 3, dtype=torch.float64)  # per key: loss x targets, correct, targets
-        text_vocab, visual_vocab = self.tokenizer.vocab_size, self.visual_tokenizer.config.codebook_size
-        histograms = {"text_mlm": torch.zeros(text_vocab, dtype=torch.float64),
-                      "pair_mlm": torch.zeros(text_vocab, dtype=torch.float64),
-                      "image_mim": torch.zeros(visual_vocab, dtype=torch.float64),
-                      "pair_mim": torch.zeros(visual_vocab, dtype=torch.float64)}
-        for batch in batches:
-            keep = ~batch["is_padding"].bool()
-            if not bool(keep.any()):
-                continue
-            batch = {k: v[keep] for k, v in batch.items() if k != "is_padding"}
-            inputs = self._inputs(batch)
-            streams = model(**inputs).streams()
-            if batch["pair_pixel_values"].shape[0] > 1:  # every caption with another sample's image
-                streams["pair_mlm_shuffled"] = model(
-                    pair_pixel_values=batch["pair_pixel_values"].roll(1, dims=0),
-                    pair_input_ids=inputs["pair_input_ids"], pair_attention_mask=inputs["pair_attention_mask"],
-                    pair_labels=inputs["pair_labels"]).pair_mlm
-            for key, targets in self._targets(inputs).items():
-                histograms[key] += torch.bincount(targets.cpu(), minlength=histograms[key].numel()).double()
-            for row, key in enumerate(keys):
-                result = streams.get(key)
-                if result is not None:
-                    n = result.num_targets
-                    totals[row] += torch.tensor([result.loss.item() * n, result.accuracy.item() * n, n],
-                                                dtype=torch.float64)
-        device = next(self.visual_tokenizer.parameters()).device
-        totals = all_reduce_sum(totals.to(device)).cpu()
+        Padding rows are left out before the forward; every process has as many batches, but a
+        sharded model needs each process in every forward, so a batch is never skipped.
+        """
+        keep = ~batch["is_padding"].bool()
+        batch = {k: v[keep] for k, v in batch.items() if k != "is_padding"}
+        inputs = self._inputs(batch)
+        streams = model(**inputs).streams()
+        if batch["pair_pixel_values"].shape[0] > 1:  # every caption with another sample's image
+            streams["pair_mlm_shuffled"] = model(
+                pair_pixel_values=batch["pair_pixel_values"].roll(1, dims=0),
+                pair_input_ids=inputs["pair_input_ids"], pair_attention_mask=inputs["pair_attention_mask"],
+                pair_labels=inputs["pair_labels"]).pair_mlm
+        device = batch["image_pixel_values"].device
+        totals = torch.zeros(len(EVAL_STREAMS), 3, dtype=torch.float64, device=device)
+        for row, key in enumerate(EVAL_STREAMS):
+            result = streams.get(key)
+            if result is not None:
+                n = result.num_targets
+                totals[row] = torch.stack([result.loss.double() * n, result.accuracy.double() * n,
+                                           torch.tensor(float(n), dtype=torch.float64, device=device)])
+        sizes = {"text_mlm": self.tokenizer.vocab_size, "pair_mlm": self.tokenizer.vocab_size,
+                 "image_mim": self.visual_tokenizer.config.codebook_size,
+                 "pair_mim": self.visual_tokenizer.config.codebook_size}
+        targets = self._targets(inputs)
+        out = {"streams": totals}
+        for key, size in sizes.items():
+            values = targets.get(key)
+            out[f"{key}_histogram"] = torch.zeros(size, dtype=torch.float64, device=device) if values is None else \
+                torch.bincount(values, minlength=size).double()
+        return out
+
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for key, counts in histograms.items():
+        for key in STREAMS:
             # Entropy of the targets' own frequencies: the loss of a model that ignores the context.
-            counts = all_reduce_sum(counts.to(device)).cpu()
+            counts = stats[f"{key}_histogram"]
             if counts.sum() > 0:
                 p = counts[counts > 0] / counts.sum()
                 metrics[f"{key}_unigram_entropy"] = float(-(p * p.log()).sum())
-        for key, (loss_sum, correct, n) in zip(keys, totals.tolist()):
+        for key, (loss_sum, correct, n) in zip(EVAL_STREAMS, stats["streams"].tolist()):
             if n > 0:
                 metrics[f"{key}_loss"] = loss_sum / n
                 metrics[f"{key}_acc"] = correct / n
@@ -231,12 +261,6 @@ class MaskedDataModelingTask:
         if "pair_image_mask" in inputs:
             out["pair_mim"] = inputs["pair_image_labels"][inputs["pair_image_mask"]]
         return out
-
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        per_image = self.visual_tokenizer.config.grid_size ** 2 + 1  # patches + CLS (grids are equal)
-        images = batch["image_pixel_values"].shape[0] + batch["pair_pixel_values"].shape[0]
-        text = int(batch["text_attention_mask"].sum()) + int(batch["pair_attention_mask"].sum())
-        return images * per_image + text
 
 
 def export_pretrained(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str | Path | None = None) -> Path:
@@ -271,14 +295,4 @@ def make_task(cfg: Any) -> MaskedDataModelingTask:
     return MaskedDataModelingTask(cfg)
 
 
-def _register() -> None:
-    from beit3.training.task import register_task
-
-    from beit3.pretraining import itc
-
-    register_task("mdm", "pretrain", make_task, "BEiT-3 masked data modeling on images, texts and pairs")
-    register_task("itc", "pretrain", itc.make_task,
-                  "image-text contrastive intermediate tuning of the dual encoder (the release's -itc models)")
-
-
-_register()
+from beit3.pretraining import itc  # noqa: E402,F401  (registers the itc task)

@@ -1,15 +1,15 @@
-"""Image loading and the official BEiT-3 per-task image pipelines.
+"""Image loading and the deterministic BEiT-3 image pipelines a model folder needs for inference.
 
-===============  ===========================================  ==================================
-mode             eval                                         train
-===============  ===========================================  ==================================
-``"vl"``         squash-resize to SxS (bicubic), mean=std=0.5  random resized crop scale (0.5, 1),
-                                                              flip, BLIP RandAugment (VQAv2,
-                                                              captioning)
-``"imagenet"``   resize short side to int(S / crop_pct),      random resized crop scale
-                 centre crop S, ImageNet mean/std              (0.08, 1), flip, timm RandAugment,
-                                                              random erasing p=0.25
-===============  ===========================================  ==================================
+===============  ====================================================  ========================
+mode             pipeline                                              mean / std
+===============  ====================================================  ========================
+``"vl"``         squash-resize to SxS (bicubic)                        0.5 / 0.5
+``"imagenet"``   resize short side to int(S / crop_pct), centre crop  ImageNet's
+===============  ====================================================  ========================
+
+Training augmentation is not here: it belongs to the data path
+(:func:`beit3.data.transforms.train_image_transform`), so a saved processor is the same on
+every call. :func:`mode_defaults` holds each mode's settings for both.
 
 Every input kind (PIL image, numpy array, tensor, path, bytes) is first turned into an 8-bit RGB
 PIL image, so all of them take the exact PIL code path of the official data loaders.
@@ -20,6 +20,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -28,27 +29,47 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from beit3.processing.augment import RandomAugment
-
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
 CONFIG_FILENAME = "preprocessor_config.json"
+# Settings older preprocessor_config.json files hold from when the processor also augmented;
+# augmentation now lives in beit3.data.transforms, so loading drops them.
+LEGACY_TRAINING_KEYS = frozenset({"train", "randaug", "crop_scale", "random_erasing", "horizontal_flip"})
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike, bytes]
 Mode = Literal["vl", "imagenet"]
 
-# Task -> (mode, RandAugment in the official training recipe). The official docs pass --randaug
-# for VQAv2 and captioning only.
-TASKS: dict[str, tuple[Mode, bool]] = {
-    "vqav2": ("vl", True),
-    "captioning": ("vl", True),
-    "nlvr2": ("vl", False),
-    "retrieval": ("vl", False),
-    "classification": ("imagenet", True),
-    "imagenet": ("imagenet", True),
+
+@dataclass(frozen=True)
+class ModeDefaults:
+    """The official settings of a mode, used when a caller does not choose them.
+
+    Attributes:
+        mean, std: normalisation (eval and training).
+        crop_scale: area range of the training random resized crop.
+        random_erasing: training random erasing probability (the official VL recipe has none).
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_scale: tuple[float, float]
+    random_erasing: float
+
+
+_MODE_DEFAULTS: dict[str, ModeDefaults] = {
+    "vl": ModeDefaults(IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, (0.5, 1.0), 0.0),
+    "imagenet": ModeDefaults(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, (0.08, 1.0), 0.25),
 }
+
+
+def mode_defaults(mode: str) -> ModeDefaults:
+    """The defaults of ``mode`` (``"vl"``: VQAv2, NLVR2, captioning, retrieval; ``"imagenet"``:
+    classification); the one table both the processor and the training transform read."""
+    if mode not in _MODE_DEFAULTS:
+        raise ValueError(f"mode must be 'vl' or 'imagenet', got {mode!r}")
+    return _MODE_DEFAULTS[mode]
 
 
 # ---------------------------------------------------------------------- loading
@@ -138,86 +159,48 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 # ---------------------------------------------------------------------- processor
 class Beit3ImageProcessor:
-    """Turns images into the ``pixel_values`` a BEiT-3 model takes, with the official pipelines.
+    """Turns images into the ``pixel_values`` a BEiT-3 model takes, with the official eval pipelines.
+
+    Deterministic: the same image always gives the same tensor, so this is what a model folder
+    saves for inference. Training augmentation is :func:`beit3.data.transforms.train_image_transform`.
 
     Args:
         image_size: output side S (the model's ``image_size``).
         mode: ``"vl"`` (VQAv2, NLVR2, captioning, retrieval) or ``"imagenet"`` (classification).
-        train: use the training augmentation instead of the deterministic eval pipeline.
-        crop_pct: imagenet eval resizes the short side to ``int(S / crop_pct)`` before the centre
+        crop_pct: imagenet resizes the short side to ``int(S / crop_pct)`` before the centre
             crop; the official default is 1.0 (no border cut).
-        randaug: apply RandAugment when training (the recipe of ``mode``).
-        crop_scale: area range of the training random resized crop; defaults (0.5, 1) for vl and
-            (0.08, 1) for imagenet.
-        random_erasing: probability of random erasing when training; defaults 0.25 for imagenet
-            and 0 for vl (the official VL recipe has none).
         mean, std: normalisation; defaults 0.5/0.5 for vl and ImageNet's for imagenet.
-        horizontal_flip: random flips when training (official); turn off when labels say "left"
-            or "right", as the synthetic world's questions and captions do.
     """
 
     def __init__(
         self,
         image_size: int = 224,
         mode: Mode = "vl",
-        train: bool = False,
         *,
         crop_pct: float = 1.0,
-        randaug: bool = True,
-        crop_scale: Sequence[float] | None = None,
-        random_erasing: float | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        horizontal_flip: bool = True,
     ) -> None:
-        if mode not in ("vl", "imagenet"):
-            raise ValueError(f"mode must be 'vl' or 'imagenet', got {mode!r}")
+        defaults = mode_defaults(mode)
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        vl = mode == "vl"
         self.image_size = int(image_size)
         self.mode: Mode = mode
-        self.train = bool(train)
         self.crop_pct = float(crop_pct)
-        self.randaug = bool(randaug)
-        self.crop_scale = tuple(float(s) for s in (crop_scale or ((0.5, 1.0) if vl else (0.08, 1.0))))
-        self.random_erasing = float((0.0 if vl else 0.25) if random_erasing is None else random_erasing)
-        self.mean = tuple(float(m) for m in (mean or (IMAGENET_INCEPTION_MEAN if vl else IMAGENET_DEFAULT_MEAN)))
-        self.std = tuple(float(s) for s in (std or (IMAGENET_INCEPTION_STD if vl else IMAGENET_DEFAULT_STD)))
-        self.horizontal_flip = bool(horizontal_flip)
+        self.mean = tuple(float(m) for m in (defaults.mean if mean is None else mean))
+        self.std = tuple(float(s) for s in (defaults.std if std is None else std))
         self.transform = self._build()
-
-    @classmethod
-    def for_task(cls, task: str, image_size: int, train: bool = False) -> "Beit3ImageProcessor":
-        """The official pipeline of ``task`` (``vqav2``, ``nlvr2``, ``captioning``, ``retrieval``,
-        ``classification``/``imagenet``)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-        mode, randaug = TASKS[task]
-        return cls(image_size, mode, train, randaug=randaug)
 
     def _build(self) -> T.Compose:
         size = self.image_size
         bicubic = T.InterpolationMode.BICUBIC
-        steps: list[Any]
-        if self.train:
-            steps = [T.RandomResizedCrop(size, scale=self.crop_scale, interpolation=bicubic)]
-            steps += [T.RandomHorizontalFlip()] if self.horizontal_flip else []
-            if self.randaug:
-                steps.append(RandomAugment.blip() if self.mode == "vl"
-                             else RandomAugment.timm_increasing(self.mean))
-        elif self.mode == "vl":
-            steps = [T.Resize((size, size), interpolation=bicubic)]
+        if self.mode == "vl":
+            steps: list[Any] = [T.Resize((size, size), interpolation=bicubic)]
         else:
             steps = [T.Resize(int(size / self.crop_pct), interpolation=bicubic), T.CenterCrop(size)]
-        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        if self.train and self.random_erasing > 0:
-            # value="random" fills with per-pixel normal noise: timm's mode="pixel".
-            steps.append(T.RandomErasing(p=self.random_erasing, scale=(0.02, 1 / 3),
-                                         ratio=(0.3, 1 / 0.3), value="random"))
-        return T.Compose(steps)
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One image -> ``(3, S, S)`` float tensor."""
@@ -247,23 +230,17 @@ class Beit3ImageProcessor:
             "image_processor_class": type(self).__name__,
             "image_size": self.image_size,
             "mode": self.mode,
-            "train": self.train,
             "crop_pct": self.crop_pct,
-            "randaug": self.randaug,
-            "crop_scale": list(self.crop_scale),
-            "random_erasing": self.random_erasing,
             "mean": list(self.mean),
             "std": list(self.std),
-            "horizontal_flip": self.horizontal_flip,
         }
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "Beit3ImageProcessor":
-        config = dict(config)
+        """Build from :meth:`to_dict` output; the training settings of older files are dropped."""
+        config = {key: value for key, value in config.items() if key not in LEGACY_TRAINING_KEYS}
         config.pop("image_processor_class", None)
-        known = {"image_size", "mode", "train", "crop_pct", "randaug", "crop_scale",
-                 "random_erasing", "mean", "std", "horizontal_flip"}
-        unknown = set(config) - known
+        unknown = set(config) - {"image_size", "mode", "crop_pct", "mean", "std"}
         if unknown:
             raise ValueError(f"unknown image processor settings {sorted(unknown)}")
         return cls(**config)

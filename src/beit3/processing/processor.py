@@ -1,4 +1,8 @@
-"""One call from raw images and text to the exact batch a BEiT-3 task model takes."""
+"""One call from raw images and text to the model inputs: ``pixel_values``, ``input_ids``, ``attention_mask``.
+
+The processor knows no task: what a batch holds follows from what is given. Training-only steps
+(image augmentation, caption masking) live in :mod:`beit3.data.transforms`.
+"""
 from __future__ import annotations
 
 import json
@@ -13,55 +17,14 @@ from beit3.processing.image import Beit3ImageProcessor, ImageInput
 from beit3.processing.tokenizer import Beit3Tokenizer, TextInput
 
 CONFIG_FILENAME = "processor_config.json"
-TASKS = ("vqav2", "nlvr2", "captioning", "retrieval", "classification")
-DEFAULT_CAPTIONING_MASK_PROB = 0.6  # the official --captioning_mask_prob default (docs use 0.7)
-
-
-def mask_caption_tokens(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mask_prob: float,
-    mask_token_id: int,
-    vocab_size: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official captioning corruption (``CaptioningDataset._masking_on_text_tokens``).
-
-    For a row with ``n`` real tokens (BOS and EOS included) it picks
-    ``max(1, min(int(n * mask_prob + 0.5), n - 1))`` distinct positions in ``1 .. n-1`` (BOS is
-    never masked, EOS can be). Each picked token becomes ``mask_token_id`` with probability 0.8,
-    stays itself with 0.1 and becomes a random id in ``[3, vocab_size - 1]`` with 0.1 (a range that
-    includes ``<mask>``, as in the official code).
-
-    Returns ``(masked_input_ids, masked_positions)``; ``masked_positions`` is bool ``(B, T)``.
-    """
-    if not 0 < mask_prob <= 1:
-        raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
-    masked = input_ids.clone()
-    positions = torch.zeros_like(input_ids, dtype=torch.bool)
-    lengths = attention_mask.sum(dim=1).tolist()
-    for row, n in enumerate(lengths):
-        n = int(n)
-        if n < 2:
-            raise ValueError(f"row {row} has {n} real tokens; captions need at least BOS and EOS")
-        count = max(1, min(int(n * mask_prob + 0.5), n - 1))
-        picked = torch.randperm(n - 1, generator=generator)[:count] + 1
-        draw = torch.rand(count, generator=generator)
-        random_ids = torch.randint(3, vocab_size, (count,), generator=generator)
-        replacement = torch.where(draw < 0.8, torch.full_like(random_ids, mask_token_id),
-                                  torch.where(draw < 0.9, input_ids[row, picked], random_ids))
-        masked[row, picked] = replacement
-        positions[row, picked] = True
-    return masked, positions
 
 
 class Beit3Processor:
-    """Tokenizer + image processor behind one ``__call__`` that knows each task's inputs.
+    """Tokenizer + image processor behind one ``__call__``.
 
     Args:
         tokenizer: the model's :class:`Beit3Tokenizer`.
-        image_processor: the model's :class:`Beit3ImageProcessor` (its ``train`` flag decides
-            whether images are augmented).
+        image_processor: the model's :class:`Beit3ImageProcessor` (deterministic).
         max_length: default text length (64 in every official recipe; 32 for captioning training).
     """
 
@@ -75,68 +38,43 @@ class Beit3Processor:
         self,
         images: ImageInput | Sequence[Any] | None = None,
         text: TextInput | Sequence[TextInput] | None = None,
-        task: str = "vqav2",
+        *,
         max_length: int | None = None,
-        train: bool = False,
-        captioning_mask_prob: float | None = None,
-        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Build a batch for ``task``.
+        """Images, text or both -> a batch.
 
-        * ``classification``: images -> ``pixel_values``.
-        * ``vqav2``: images and questions -> ``pixel_values``, ``input_ids``, ``attention_mask``.
-        * ``nlvr2``: a list of image pairs and sentences -> ``pixel_values`` ``(B, 2, 3, S, S)``,
-          ``input_ids``, ``attention_mask``.
-        * ``retrieval``: images, texts or both (the two towers run separately).
-        * ``captioning``: images (and captions). With ``train=True`` or a ``captioning_mask_prob``
-          the captions are corrupted as in official training: ``input_ids`` (masked), ``labels``
-          (original ids), ``masked_positions`` (bool), ``attention_mask``; ``generator`` seeds it.
+        * ``images``: one image or a list -> ``pixel_values`` ``(B, 3, S, S)``; a list of
+          ``(left, right)`` pairs (NLVR2) -> ``(B, 2, 3, S, S)``.
+        * ``text``: strings or id lists without special tokens (as in the official index files)
+          -> ``input_ids`` and ``attention_mask`` ``(B, max_length)``.
 
-        Texts are strings or id lists without special tokens (as in the official index files).
+        Given both, there must be one text per image (or pair).
         """
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-        mask_captions = task == "captioning" and (train or captioning_mask_prob is not None)
-        needs_images = task in ("classification", "vqav2", "nlvr2", "captioning")
-        needs_text = task in ("vqav2", "nlvr2") or mask_captions
-        if needs_images and images is None:
-            raise ValueError(f"task {task!r} needs images")
-        if needs_text and text is None:
-            raise ValueError(f"task {task!r} needs text" + (" (captions to mask)" if mask_captions else ""))
-        if task == "classification" and text is not None:
-            raise ValueError("task 'classification' takes images only")
-        if task == "retrieval" and images is None and text is None:
-            raise ValueError("task 'retrieval' needs images, text or both")
-
+        if images is None and text is None:
+            raise ValueError("nothing to process: give images, text or both")
         batch: dict[str, torch.Tensor] = {}
         if images is not None:
-            batch["pixel_values"] = self._pair_pixels(images) if task == "nlvr2" else \
-                self.image_processor(images)["pixel_values"]
+            batch["pixel_values"] = self._pixels(images)
         if text is not None:
-            encoded = self.tokenizer(text, max_length=max_length or self.max_length)
-            batch.update(encoded)
+            batch.update(self.tokenizer(text, max_length=max_length or self.max_length))
         if "pixel_values" in batch and "input_ids" in batch and \
                 len(batch["pixel_values"]) != len(batch["input_ids"]):
             raise ValueError(f"got {len(batch['pixel_values'])} images (or pairs) but "
                              f"{len(batch['input_ids'])} texts")
-        if mask_captions:
-            prob = DEFAULT_CAPTIONING_MASK_PROB if captioning_mask_prob is None else captioning_mask_prob
-            labels = batch["input_ids"]
-            batch["input_ids"], batch["masked_positions"] = mask_caption_tokens(
-                labels, batch["attention_mask"], prob, self.tokenizer.mask_token_id,
-                self.tokenizer.vocab_size, generator)
-            batch["labels"] = labels
         return batch
 
-    def _pair_pixels(self, pairs: Any) -> torch.Tensor:
-        if isinstance(pairs, (list, tuple)) and len(pairs) == 2 and not isinstance(pairs[0], (list, tuple)):
-            pairs = [pairs]  # a single pair
-        if not isinstance(pairs, (list, tuple)) or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-            raise ValueError("task 'nlvr2' takes images as a list of (left, right) pairs")
-        flat = [image for pair in pairs for image in pair]
-        pixels = self.image_processor(flat)["pixel_values"]
-        return pixels.view(len(pairs), 2, *pixels.shape[1:])  # (B, 2, 3, S, S)
+    def _pixels(self, images: Any) -> torch.Tensor:
+        """Single images -> (B, 3, S, S); a list whose elements are all pairs -> (B, 2, 3, S, S)."""
+        pairs = [isinstance(item, (list, tuple)) for item in images] if isinstance(images, (list, tuple)) else []
+        if not any(pairs):
+            return self.image_processor(images)["pixel_values"]
+        if not all(pairs):
+            raise ValueError("images mix (left, right) pairs and single images; give one kind")
+        for pair in images:
+            if len(pair) != 2:
+                raise ValueError(f"an image pair holds 2 images (left, right), got {len(pair)}")
+        pixels = self.image_processor([image for pair in images for image in pair])["pixel_values"]
+        return pixels.view(len(images), 2, *pixels.shape[1:])  # (B, 2, 3, S, S)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(tokenizer={self.tokenizer!r}, "

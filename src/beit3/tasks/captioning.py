@@ -11,31 +11,22 @@ words; ``beit3 evaluate`` adds BLEU, METEOR and ROUGE-L with the COCO toolkit wh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskSpec, register_task
 from beit3.data import ImageTextDataset, read_jsonl
+from beit3.data.transforms import mask_caption_tokens
 from beit3.models import Beit3ForCaptioning
 from beit3.processing import Beit3Tokenizer
-from beit3.tasks.common import (
-    ProcessedDataset,
-    build_task_model,
-    count_tokens,
-    image_processor,
-    index_files,
-    load_tokenizer,
-    make_collator,
-    parse_options,
-    unwrap,
-)
-from beit3.tasks.metrics import cider_d
+from beit3.tasks.common import IndexTask, SampleProcessor, build_task_model, image_transform, index_files, kept, \
+    load_tokenizer, unwrap
+from beit3.tasks.metrics import cider_d, coco_caption_scores
 from beit3.training.config import RunConfig
-from beit3.training.distributed import all_gather_objects
-from beit3.training.task import register_task
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "coco",
@@ -49,7 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "length_penalty": 0.6,
     "max_decode_len": None,
 }
-VAL_INDEX = {"coco": "coco_captioning.val.jsonl", "nocaps": "nocaps.val.jsonl"}
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
@@ -60,18 +50,48 @@ def simple_tokenize(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
-class CaptioningTask:
-    metric_name = "cider"
-    higher_is_better = True
+class CaptionMasking:
+    """The training corruption of an encoded caption (:func:`beit3.data.transforms.mask_caption_tokens`):
+    ``input_ids`` masked, ``labels`` the original ids, ``masked_positions`` the slots to score."""
+
+    def __init__(self, mask_prob: float, mask_token_id: int, vocab_size: int) -> None:
+        self.mask_prob, self.mask_token_id, self.vocab_size = mask_prob, mask_token_id, vocab_size
+
+    def __call__(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        masked, positions = mask_caption_tokens(text["input_ids"], text["attention_mask"], self.mask_prob,
+                                                self.mask_token_id, self.vocab_size)
+        return {"input_ids": masked, "attention_mask": text["attention_mask"], "masked_positions": positions,
+                "labels": text["input_ids"]}
+
+
+def evaluation_outputs(task: "CaptioningTask", stats: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """``beit3 evaluate``: the captions themselves, and the COCO toolkit's scores when asked."""
+    captions = dict(stats["captions"])
+    extra: dict[str, Any] = {"predictions": [{"image_id": k, "caption": v} for k, v in sorted(captions.items())]}
+    if context.get("coco_toolkit") and context["is_main"]:
+        # reported beside our own cider, never in its place
+        scores = coco_caption_scores(captions, {k: task.references[k] for k in captions})
+        extra["metrics"] = {f"coco_{name}": value for name, value in scores.items()}
+    return extra
+
+
+@register_task
+class CaptioningTask(IndexTask):
+    spec = TaskSpec(
+        name="captioning", kind="finetune", aliases=("caption",),
+        description="captioning (COCO, NoCaps): masked fine-tuning, CIDEr",
+        model_class=Beit3ForCaptioning, head_keys=("mlm_head.weight",), image_mode="vl", randaug=True,
+        index="{prefix}.{split}.jsonl", datasets={"coco": "coco_captioning", "nocaps": "nocaps"},
+        eval_split="val", splits=("val", "test"), metric="cider", statistics={"captions": "gather"},
+        evaluate_hook=evaluation_outputs, pipeline="beit3.pipelines:CaptioningPipeline", verb="caption",
+        predict="beit3.tasks.predict:add_caption",
+    )
+    defaults = DEFAULTS
+    raw_dataset = ImageTextDataset
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.options = parse_options("captioning", cfg.task.options, DEFAULTS)
-        if self.options["dataset"] not in VAL_INDEX:
-            raise ValueError(f"task.options.dataset must be one of {sorted(VAL_INDEX)}, got {self.options['dataset']!r}")
-        self.patch_size = 16
+        super().__init__(cfg)
         self._tokenizer: Beit3Tokenizer | None = None
-        self._references: dict[int, list[str]] | None = None
 
     @property
     def tokenizer(self) -> Beit3Tokenizer:
@@ -79,90 +99,62 @@ class CaptioningTask:
             self._tokenizer = load_tokenizer(self.options, self.cfg)
         return self._tokenizer
 
-    model_class = Beit3ForCaptioning
-
     def head_args(self) -> dict[str, Any]:
         tok = self.tokenizer
         return {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
                 "mask_token_id": tok.mask_token_id, "label_smoothing": float(self.options["label_smoothing"])}
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(self.model_class, cfg, self.tokenizer, **self.head_args())
-        self.patch_size = model.config.patch_size
-        return model
+        return build_task_model(self.spec.model_class, cfg, self.tokenizer, **self.head_args())
 
-    default_split = "val"
+    def train_index(self) -> list[str]:
+        # NoCaps has no training split: captioners for it are trained on COCO, as in the release
+        return self.options["train_index"] or [self.spec.index_file("train", "coco")]
 
-    def split_index(self, split: str) -> str:
-        """``val`` or ``test``: the Karpathy split for COCO, ``nocaps.<split>.jsonl`` for NoCaps."""
-        prefix = "coco_captioning" if self.options["dataset"] == "coco" else "nocaps"
-        return f"{prefix}.{split}.jsonl"
+    def processor(self, cfg: RunConfig, train: bool) -> SampleProcessor:
+        o, max_len = self.options, int(self.options["max_text_len"])
+        if not train:  # validation captions are generated: only the image is needed
+            return SampleProcessor(image_transform(self.spec, cfg, False, o))
+        masking = CaptionMasking(float(o["mask_prob"]), self.tokenizer.mask_token_id, self.tokenizer.vocab_size)
+        return SampleProcessor(image_transform(self.spec, cfg, True, o, randaug=bool(o["randaug"])), self.tokenizer,
+                               max_len, text_transform=masking)
 
-    def val_index(self) -> list:
-        return index_files(self.cfg.data.root, self.options["val_index"] or VAL_INDEX[self.options["dataset"]])
-
-    def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        o = self.options
-        max_len = int(o["max_text_len"])
-        train_images = image_processor("captioning", cfg, True, o, randaug=bool(o["randaug"]))
-        train_collate = make_collator(self.tokenizer, train_images, max_len, task="captioning", train=True,
-                                      captioning_mask_prob=float(o["mask_prob"]))
-        train = ProcessedDataset(
-            ImageTextDataset(index_files(cfg.data.root, o["train_index"] or "coco_captioning.train.jsonl")), train_collate)
-        val_collate = make_collator(self.tokenizer, image_processor("captioning", cfg, False, o), max_len, task="captioning")
-        val = ProcessedDataset(ImageTextDataset(self.val_index()), val_collate)
-        return train, val
-
-    @property
+    @cached_property
     def references(self) -> dict[int, list[str]]:
         """Ground-truth captions of the validation split, by image id (read from its index)."""
-        if self._references is None:
-            refs: dict[int, list[str]] = {}
-            for path in self.val_index():
-                for row in read_jsonl(path, ("image_id", "references")):
-                    refs[int(row["image_id"])] = list(row["references"])
-            self._references = refs
-        return self._references
+        refs: dict[int, list[str]] = {}
+        for path in index_files(self.cfg.data.root, self.val_index()):
+            for row in read_jsonl(path, ("image_id", "references")):
+                refs[int(row["image_id"])] = list(row["references"])
+        return refs
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         drop = float(self.options["drop_worst_ratio"]) if step >= int(self.options["drop_worst_after"]) else 0.0
         out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"], labels=batch["labels"],
                     masked_positions=batch["masked_positions"], drop_worst_ratio=drop)
-        return out.loss, {"masked_tokens": float(batch["masked_positions"].sum())}
+        return out.loss, {"masked_tokens": batch["masked_positions"].sum()}
 
-    def predict(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[int, str]:
-        """Beam-search captions of every image of the split, from all processes, by image id."""
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, list[tuple[int, str]]]:
+        """Beam-search captions of the batch's images, as (image id, caption)."""
         o = self.options
         inner = unwrap(model)
         sharded = hasattr(inner, "unshard")  # FSDP2: generate() bypasses the root's forward hooks
         if sharded:
             inner.unshard()
-        mine: dict[int, str] = {}
         try:
-            for batch in batches:
-                keep = ~batch["is_padding"]
-                ids = inner.generate(batch["pixel_values"][keep], num_beams=int(o["num_beams"]),
-                                     max_length=int(o["max_decode_len"] or o["max_text_len"]),
-                                     length_penalty=float(o["length_penalty"]))
-                for image_id, row in zip(batch["image_id"][keep].tolist(), ids.tolist()):
-                    mine[image_id] = self.tokenizer.decode(row)
+            keep = kept(batch)
+            ids = inner.generate(batch["pixel_values"][keep], num_beams=int(o["num_beams"]),
+                                 max_length=int(o["max_decode_len"] or o["max_text_len"]),
+                                 length_penalty=float(o["length_penalty"]))
         finally:
             if sharded:
                 inner.reshard()
-        merged: dict[int, str] = {}
-        for part in all_gather_objects(mine):
-            merged.update(part)
-        return merged
+        return {"captions": [(image_id, self.tokenizer.decode(row))
+                             for image_id, row in zip(batch["image_id"][keep].tolist(), ids.tolist())]}
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        predictions = self.predict(model, batches)
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
+        predictions = dict(stats["captions"])
         refs = {k: [simple_tokenize(r) for r in self.references[k]] for k in predictions}
         score, _ = cider_d({k: simple_tokenize(v) for k, v in predictions.items()}, refs)
         return {"cider": score, "images": float(len(predictions))}
-
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        return count_tokens(batch, self.patch_size)
-
-
-register_task("captioning", "finetune", CaptioningTask, "captioning (COCO, NoCaps): masked fine-tuning, CIDEr")

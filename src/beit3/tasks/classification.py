@@ -1,4 +1,4 @@
-"""Image classification (ImageNet-1k or any class-folder index): task ``imagenet``.
+"""Image classification (ImageNet-1k or any class-folder index): task ``classification``.
 
 Loss as in the release: with mixup / cutmix on, every batch is mixed (timm ``Mixup`` with
 ``prob=1``, ``switch_prob=0.5``, batch mode) and the targets are label-smoothed one-hots mixed with
@@ -7,22 +7,20 @@ Metric: top-1 / top-5 accuracy in %; the best checkpoint is chosen on top-1.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
-from beit3.data import Collator, ImageClassificationDataset
+from beit3.catalogue import TaskSpec, register_task
+from beit3.data import ImageClassificationDataset
 from beit3.models import Beit3ForImageClassification
-from beit3.tasks.common import ProcessedDataset, build_task_model, count_tokens, image_processor, index_files, parse_options
-from beit3.tasks.metrics import topk_correct
+from beit3.tasks.common import IndexTask, SampleProcessor, image_transform, kept
+from beit3.tasks.metrics import topk_hits
 from beit3.training.config import RunConfig
-from beit3.training.distributed import all_reduce_sum
-from beit3.training.task import register_task
 
 DEFAULTS: dict[str, Any] = {
     "num_classes": 1000,
@@ -63,40 +61,34 @@ def mix_batch(
     return mixed, one_hot * lam + one_hot.flip(0) * (1 - lam)
 
 
-class ImageClassificationTask:
-    metric_name = "acc1"
-    higher_is_better = True
+@register_task
+class ImageClassificationTask(IndexTask):
+    spec = TaskSpec(
+        name="classification", kind="finetune", aliases=("imagenet", "image-classification"),
+        description="image classification (ImageNet-1k, class folders): top-1/top-5",
+        model_class=Beit3ForImageClassification, head_keys=("fc_norm.weight", "head.weight"),
+        image_mode="imagenet", randaug=True, index="imagenet.{split}.index.jsonl", eval_split="val",
+        splits=("val",), metric="acc1", statistics={"correct": "sum", "samples": "sum"},
+        pipeline="beit3.pipelines:ClassificationPipeline", verb="classify",
+        predict="beit3.tasks.predict:add_classify",
+    )
+    defaults = DEFAULTS
+    raw_dataset = ImageClassificationDataset
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.options = parse_options("imagenet", cfg.task.options, DEFAULTS)
+        super().__init__(cfg)
         self.num_classes = int(self.options["num_classes"])
-        self.patch_size = 16
         self.rng = np.random.default_rng(cfg.train.seed)
-
-    model_class = Beit3ForImageClassification
 
     def head_args(self) -> dict[str, Any]:
         return {"num_labels": self.num_classes, "label_smoothing": float(self.options["label_smoothing"])}
 
-    def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(self.model_class, cfg, None, **self.head_args())
-        self.patch_size = model.config.patch_size
-        return model
-
-    default_split = "val"
-
-    def split_index(self, split: str) -> str:
-        return f"imagenet.{split}.index.jsonl"
-
-    def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
+    def processor(self, cfg: RunConfig, train: bool) -> SampleProcessor:
         o = self.options
-        train_raw = ImageClassificationDataset(index_files(cfg.data.root, o["train_index"] or "imagenet.train.index.jsonl"))
-        val_raw = ImageClassificationDataset(index_files(cfg.data.root, o["val_index"] or "imagenet.val.index.jsonl"))
-        train_images = image_processor("classification", cfg, True, o, randaug=o["auto_augment"] is not None,
-                                       random_erasing=float(o["reprob"]))
-        val_images = image_processor("classification", cfg, False, o)
-        # the image processor is itself a processor-like callable: images=[...] -> pixel_values
-        return ProcessedDataset(train_raw, Collator(train_images)), ProcessedDataset(val_raw, Collator(val_images))
+        if not train:
+            return SampleProcessor(image_transform(self.spec, cfg, False, o))
+        return SampleProcessor(image_transform(self.spec, cfg, True, o, randaug=o["auto_augment"] is not None,
+                                               random_erasing=float(o["reprob"])))
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         pixels, labels = batch["pixel_values"], batch["labels"]
@@ -107,19 +99,12 @@ class ImageClassificationTask:
         out = model(pixel_values=pixels, labels=labels)
         return out.loss, {}
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        sums = torch.zeros(3, dtype=torch.float64)  # top-1, top-5, samples
-        for batch in batches:
-            keep = ~batch["is_padding"]
-            logits = model(pixel_values=batch["pixel_values"]).logits.float()
-            hits = topk_correct(logits[keep], batch["labels"][keep], (1, 5))
-            sums += torch.tensor([hits[1], hits[5], int(keep.sum())], dtype=torch.float64)
-        all_reduce_sum(sums)
-        count = max(sums[2].item(), 1.0)
-        return {"acc1": 100 * sums[0].item() / count, "acc5": 100 * sums[1].item() / count, "samples": sums[2].item()}
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        keep = kept(batch)
+        logits = model(pixel_values=batch["pixel_values"]).logits.float()
+        return {"correct": topk_hits(logits, batch["labels"], (1, 5), keep), "samples": keep.sum()}
 
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        return count_tokens(batch, self.patch_size)
-
-
-register_task("imagenet", "finetune", ImageClassificationTask, "image classification (ImageNet-1k, class folders): top-1/top-5")
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
+        top1, top5 = stats["correct"].tolist()
+        count = max(float(stats["samples"]), 1.0)
+        return {"acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "samples": float(stats["samples"])}

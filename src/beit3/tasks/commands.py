@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", required=True, help="imagenet, vqav2, nlvr2, retrieval or captioning")
+    parser.add_argument("--task", required=True, help="a task of the catalogue with index splits: " + _task_names())
     parser.add_argument("--checkpoint", required=True, help="a folder with model.safetensors and config.json")
     parser.add_argument("--recipe", help="run config to read task options from (default: the run.yaml near the checkpoint)")
     parser.add_argument("--data-root", help="folder of the index files (default: data.root of the run)")
@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="captioning: also BLEU, METEOR, ROUGE-L and CIDEr with pycocoevalcap (needs java)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run config")
     parser.set_defaults(func=run_evaluate)
+
+
+def _task_names() -> str:
+    from beit3.catalogue import iter_tasks
+
+    return ", ".join(spec.name for spec in iter_tasks("finetune", having="index"))
 
 
 def _find_run_yaml(checkpoint: Path) -> Path | None:
@@ -60,7 +66,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def load_checkpoint(task: Any, folder: Path):
     """The task's model with the checkpoint's weights (a save_pretrained folder or an engine checkpoint)."""
-    return task.model_class.from_pretrained(folder)
+    return task.spec.model_class.from_pretrained(folder)
 
 
 def format_table(title: str, metrics: dict[str, float]) -> str:
@@ -74,24 +80,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from beit3.tasks.captioning import CaptioningTask, simple_tokenize
-    from beit3.tasks.metrics import cider_d, coco_caption_scores, write_vqa_submission
-    from beit3.tasks.vqav2 import VQATask
+    from beit3.catalogue import get_task
     from beit3.training import distributed as D
     from beit3.training.config import load_config
-    from beit3.training.task import build_task, registered_tasks
+    from beit3.training.evaluation import evaluate_batches
+    from beit3.training.task import build_task
 
-    # the tasks that name their splits (split_index) are the ones evaluate can score
-    tasks = sorted(name for name, entry in registered_tasks().items()
-                   if entry.kind == "finetune" and hasattr(entry.factory, "split_index"))
-    if args.task not in tasks:
-        raise ValueError(f"no evaluation for task {args.task!r}; pass --task with one of: {', '.join(tasks)}")
+    spec = get_task(args.task, "finetune")
+    if spec.index is None:  # the tasks that name their splits by index files are the ones evaluate scores
+        raise ValueError(f"no evaluation for task {args.task!r}; pass --task with one of: {_task_names()}")
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "model.safetensors").is_file() or not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (model.safetensors + config.json): pass the "
                                 "final/ folder of a `beit3 finetune` run, or convert an official .pth with `beit3 convert`")
     recipe = args.recipe or _find_run_yaml(checkpoint)
-    overrides = [f"task.name={args.task}"] + list(args.overrides)
+    overrides = [f"task.name={spec.name}"] + list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     if args.tokenizer:
@@ -105,7 +108,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     cfg.model.pretrained = None  # the weights come from --checkpoint
 
     probe = build_task(cfg, "finetune")
-    split = args.split or ("index" if args.index else probe.default_split)
+    split = args.split or ("index" if args.index else spec.eval_split)
     index = args.index or probe.split_index(split)
     # evaluation only: point both splits at the one evaluated, so no training index is needed
     cfg.task.options.update(train_index=index, val_index=index)
@@ -113,45 +116,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     dist_info = D.init_distributed()
     model = load_checkpoint(task, checkpoint).to(dist_info.device).eval()
-    task.patch_size = model.config.patch_size
     _, dataset = task.build_datasets(cfg)
     loader = DataLoader(D.EvalDataset(dataset), batch_size=args.batch_size,
-                        sampler=D.EvalSampler(len(dataset), dist_info.rank, dist_info.world_size))
+                        sampler=D.EvalSampler(len(dataset), dist_info.rank, dist_info.world_size),
+                        collate_fn=D.EvalCollate(getattr(task, "collate_fn", None)))
 
     def batches():
         for batch in loader:
-            yield {k: v.to(dist_info.device) for k, v in batch.items()}
+            yield {k: v.to(dist_info.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     start = time.perf_counter()
-    extra: dict[str, Any] = {}
     with torch.no_grad():
-        if isinstance(task, VQATask) and "labels" not in dataset[0]:
-            predictions = task.predict(model, batches())
-            target = Path(args.output or checkpoint / f"submit_vqav2_{split}.json")
-            if dist_info.is_main:
-                write_vqa_submission(target, predictions)
-            metrics = {"questions": float(len({q for q, _ in predictions}))}
-            extra["submission"] = str(target)
-        elif isinstance(task, CaptioningTask):
-            captions = task.predict(model, batches())
-            refs = {k: [simple_tokenize(r) for r in task.references[k]] for k in captions}
-            metrics = {"cider": cider_d({k: simple_tokenize(v) for k, v in captions.items()}, refs)[0],
-                       "images": float(len(captions))}
-            if args.coco_toolkit and dist_info.is_main:
-                metrics.update(coco_caption_scores(captions, {k: task.references[k] for k in captions}))
-            extra["predictions"] = [{"image_id": k, "caption": v} for k, v in sorted(captions.items())]
-        else:
-            metrics = task.evaluate(model, batches())
+        metrics, stats = evaluate_batches(task, model, batches(), dist_info.device)
+    extra: dict[str, Any] = {}
+    if spec.evaluate_hook is not None:
+        context = {"split": split, "checkpoint": str(checkpoint), "output": args.output, "is_main": dist_info.is_main,
+                   "coco_toolkit": args.coco_toolkit, "has_labels": "labels" in dataset[0]}
+        extra = dict(spec.evaluate_hook(task, stats, context))
+        metrics.update(extra.pop("metrics", {}))
     elapsed = time.perf_counter() - start
 
     if dist_info.is_main:
-        result = {"task": args.task, "checkpoint": str(checkpoint), "split": split, "index": str(index),
+        result = {"task": spec.name, "checkpoint": str(checkpoint), "split": split, "index": str(index),
                   "processes": dist_info.world_size, "seconds": round(elapsed, 2), "metrics": metrics, **extra}
         out = Path(args.output) if args.output and "submission" not in extra else \
-            checkpoint / f"eval_{args.task}_{split}.json"
+            checkpoint / f"eval_{spec.name}_{split}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print(format_table(f"{args.task} on {split} ({checkpoint})", metrics))
+        print(format_table(f"{spec.name} on {split} ({checkpoint})", metrics))
         print(f"written: {out}", file=sys.stderr)
     D.shutdown_distributed()
     return 0

@@ -1,9 +1,10 @@
 """What every fine-tuning task shares: options, the tokenizer, the model, per-sample processing.
 
-The engine batches samples with the default collate, so each task's dataset returns one sample
-of fixed-shape tensors. :class:`ProcessedDataset` gets there by running the ``beit3.data``
-collator on a batch of one and taking the row back out, so the processing is exactly the one
-``Collator`` documents (text padded to ``max_text_len``).
+A task's datasets are the raw index datasets of :mod:`beit3.data` with a per-sample transform
+(:class:`SampleProcessor`): one raw sample (PIL images, strings, numbers) becomes one row of
+fixed-shape tensors (text padded to ``max_text_len``), which the default collate stacks. Training
+augmentation is :func:`beit3.data.transforms.train_image_transform`; evaluation uses the model's
+deterministic :class:`~beit3.processing.Beit3ImageProcessor`.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskSpec
 from beit3.config import Beit3Config
-from beit3.data import Collator
-from beit3.processing import Beit3ImageProcessor, Beit3Processor, Beit3Tokenizer
+from beit3.data.datasets import vqa_targets
+from beit3.data.transforms import train_image_transform
+from beit3.model_folder import resolve_tokenizer
+from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.training.config import RunConfig
 
 COMMON_OPTIONS: dict[str, Any] = {
@@ -64,18 +68,9 @@ def index_files(root: str | None, names: str | Sequence[str]) -> list[Path]:
 
 def load_tokenizer(options: Mapping[str, Any], cfg: RunConfig) -> Beit3Tokenizer:
     """The tokenizer named by ``task.options.tokenizer``, else the one saved with the pretrained model."""
-    if options.get("tokenizer"):
-        return Beit3Tokenizer.from_pretrained(options["tokenizer"])
-    pretrained = cfg.model.pretrained
-    if pretrained and Path(pretrained).is_dir():
-        try:
-            return Beit3Tokenizer.from_pretrained(pretrained)
-        except FileNotFoundError:
-            pass
-    raise ValueError(
-        "no tokenizer: set task.options.tokenizer=PATH (`beit3 evaluate`: --tokenizer PATH) to the SentencePiece "
-        "file (the official beit3.spm) or a tokenizer folder, or save one next to the pretrained model"
-    )
+    return resolve_tokenizer(options.get("tokenizer"), also=[cfg.model.pretrained], hint=(
+        "set task.options.tokenizer=PATH (`beit3 evaluate`: --tokenizer PATH) to the SentencePiece file (the "
+        "official beit3.spm) or a tokenizer folder, or save one next to the pretrained model"))
 
 
 def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None, **head_args: Any) -> nn.Module:
@@ -104,53 +99,55 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
     return model
 
 
-def image_processor(task: str, cfg: RunConfig, train: bool, options: Mapping[str, Any],
-                    **kwargs: Any) -> Beit3ImageProcessor:
-    """The official pipeline of ``task`` at ``model.image_size`` (training augmentation when
-    ``train``), with the common ``horizontal_flip`` / ``crop_scale`` options applied."""
-    base = Beit3ImageProcessor.for_task(task, cfg.model.image_size, train=train)
-    return Beit3ImageProcessor(base.image_size, base.mode, train, randaug=kwargs.pop("randaug", base.randaug),
-                               horizontal_flip=bool(options.get("horizontal_flip", True)),
-                               crop_scale=options.get("crop_scale"), **kwargs)
+def image_transform(spec: TaskSpec, cfg: RunConfig, train: bool, options: Mapping[str, Any],
+                    **kwargs: Any) -> Callable[[Any], torch.Tensor]:
+    """One image -> (3, S, S) at ``model.image_size``: the task's official training augmentation
+    (with the common ``horizontal_flip`` / ``crop_scale`` options) or its evaluation pipeline."""
+    if not train:
+        return Beit3ImageProcessor(cfg.model.image_size, spec.image_mode).preprocess
+    return train_image_transform(cfg.model.image_size, spec.image_mode, randaug=kwargs.pop("randaug", spec.randaug),
+                                 horizontal_flip=bool(options.get("horizontal_flip", True)),
+                                 crop_scale=options.get("crop_scale"), **kwargs)
 
 
-class ProcessedDataset(Dataset):
-    """Raw samples -> one processed sample of tensors (plus ``index``, the row number).
+class SampleProcessor:
+    """One raw index sample -> one row of model inputs (tensors of fixed shape).
 
-    ``collate`` is a ``beit3.data.Collator``; it runs on a batch of one and each tensor loses its
-    batch dimension. Non-tensor values (caption references) are dropped: the default collate
-    cannot batch them, and tasks read them from the index instead.
+    ``image`` (and ``image2`` for pairs) -> ``pixel_values`` (3, S, S) or (2, 3, S, S); ``text``
+    -> ``input_ids`` / ``attention_mask`` padded to ``max_text_len``; ``label`` -> ``labels``;
+    VQA ``labels`` + ``scores`` -> dense soft ``labels`` over ``num_labels`` answers;
+    ``image_id`` / ``qid`` / ``index`` -> integer tensors. ``text_transform`` may rewrite the
+    encoded text (captioning masks it); other keys (caption references) are dropped: tasks read
+    them from the index.
     """
 
-    def __init__(self, raw: Dataset, collate: Callable[[list], dict[str, Any]]) -> None:
-        self.raw = raw
-        self.collate = collate
+    def __init__(self, image: Callable[[Any], torch.Tensor], tokenizer: Beit3Tokenizer | None = None,
+                 max_text_len: int = 64, *, num_labels: int | None = None,
+                 text_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+        self.image, self.tokenizer, self.max_text_len = image, tokenizer, max_text_len
+        self.num_labels, self.text_transform = num_labels, text_transform
 
-    def __len__(self) -> int:
-        return len(self.raw)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        batch = self.collate([self.raw[index]])
-        sample = {k: v[0] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        sample["index"] = torch.tensor(index)
-        return sample
-
-
-def make_collator(tokenizer: Beit3Tokenizer, images: Beit3ImageProcessor, max_text_len: int, **kwargs: Any) -> Collator:
-    return Collator(Beit3Processor(tokenizer, images, max_length=max_text_len), **kwargs)
-
-
-def count_tokens(batch: Mapping[str, Any], patch_size: int) -> int:
-    """Patches (+ CLS) of every image plus the real text tokens of a batch."""
-    tokens = 0
-    pixels = batch.get("pixel_values")
-    if pixels is not None:
-        images = pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1)
-        tokens += images * ((pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size) + 1)
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        tokens += int(mask.sum().item()) * (pixels.shape[1] if pixels is not None and pixels.dim() == 5 else 1)
-    return tokens
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        row: dict[str, torch.Tensor] = {}
+        if "image2" in sample:
+            row["pixel_values"] = torch.stack([self.image(sample["image"]), self.image(sample["image2"])])
+        else:
+            row["pixel_values"] = self.image(sample["image"])
+        if sample.get("text") is not None and self.tokenizer is not None:
+            text = self.tokenizer([sample["text"]], max_length=self.max_text_len)
+            if self.text_transform is not None:
+                text = self.text_transform(text)
+            row.update({k: v[0] for k, v in text.items()})
+        if "label" in sample:
+            row["labels"] = torch.tensor(sample["label"], dtype=torch.long)
+        if "scores" in sample:
+            if self.num_labels is None:
+                raise ValueError("VQA samples need num_labels (the size of answer2label.txt)")
+            row["labels"] = vqa_targets([sample["labels"]], [sample["scores"]], self.num_labels)[0]
+        for key in ("image_id", "qid", "index"):
+            if key in sample:
+                row[key] = torch.tensor(sample[key], dtype=torch.long)
+        return row
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -164,49 +161,65 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             "attention_mask": batch["attention_mask"]}
 
 
-class VisionLanguageTask:
-    """What the index-based image + text tasks (VQAv2, NLVR2, retrieval) share: options parsed
-    against ``defaults``, the model from ``model_class`` and ``head_args()``, train / validation
-    datasets read from index files through the task's processor, and token counting.
+def kept(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Boolean mask of the batch rows to count (the evaluation sampler's padding left out)."""
+    return ~batch["is_padding"]
 
-    A subclass names itself (``name``: the task, its image pipeline and its collate mode), its
-    model and raw dataset classes, and its default index files (``train_index()`` and
-    ``val_index()``); it adds the loss and the metric.
+
+class IndexTask:
+    """What the index-based tasks share: options parsed against ``defaults`` and checked
+    against the spec's ``datasets``, the model from ``spec.model_class`` and ``head_args()``,
+    the train / validation index files of the spec, and datasets whose samples go through
+    :meth:`processor`. A subclass carries the ``spec``, its ``defaults`` and raw dataset class,
+    and adds the loss and the per-batch statistics.
     """
 
-    name: str
+    spec: TaskSpec
     defaults: Mapping[str, Any]
-    model_class: type
-    raw_dataset: Callable[[list[Path]], Dataset]
-    higher_is_better = True
+    raw_dataset: Callable[..., Dataset]
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.options = parse_options(self.name, cfg.task.options, self.defaults)
-        self.patch_size = 16  # the model's, once build_model has run
+        self.options = parse_options(self.spec.name, cfg.task.options, self.defaults)
+        if self.spec.datasets and self.options.get("dataset") not in self.spec.datasets:
+            raise ValueError(f"task.options.dataset must be one of {sorted(self.spec.datasets)}, "
+                             f"got {self.options.get('dataset')!r}")
 
     def head_args(self) -> dict[str, Any]:
         return {}
 
-    def collate_args(self) -> dict[str, Any]:
-        return {}
-
     def build_model(self, cfg: RunConfig) -> nn.Module:
-        model = build_task_model(self.model_class, cfg, None, **self.head_args())
-        self.patch_size = model.config.patch_size
-        return model
+        return build_task_model(self.spec.model_class, cfg, None, **self.head_args())
+
+    def split_index(self, split: str) -> str:
+        """The index file of ``split`` (for the ``dataset`` option)."""
+        return self.spec.index_file(split, self.options.get("dataset"))
+
+    def train_index(self) -> list[str]:
+        return self.options["train_index"] or self.spec.train_index(self.options.get("dataset"))
+
+    def val_index(self) -> str | list[str]:
+        return self.options["val_index"] or self.split_index(self.spec.eval_split)
+
+    def processor(self, cfg: RunConfig, train: bool) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
+        raise NotImplementedError
 
     def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
-        tokenizer = load_tokenizer(self.options, cfg)
-        images = image_processor(self.name, cfg, train, self.options, randaug=bool(self.options["randaug"]))
-        collate = make_collator(tokenizer, images, int(self.options["max_text_len"]), task=self.name,
-                                **self.collate_args())
-        return ProcessedDataset(self.raw_dataset(index_files(cfg.data.root, names)), collate)
+        return self.raw_dataset(index_files(cfg.data.root, names), transform=self.processor(cfg, train))
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        o = self.options
-        return (self.dataset(cfg, o["train_index"] or self.train_index(), True),
-                self.dataset(cfg, o["val_index"] or self.val_index(), False))
+        return self.dataset(cfg, self.train_index(), True), self.dataset(cfg, self.val_index(), False)
 
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        return count_tokens(batch, self.patch_size)
+
+class VisionLanguageTask(IndexTask):
+    """Image + text index tasks (VQAv2, NLVR2, retrieval): the tokenizer of the run and the
+    options ``randaug`` and ``max_text_len``."""
+
+    def processor(self, cfg: RunConfig, train: bool) -> SampleProcessor:
+        image = image_transform(self.spec, cfg, train, self.options, randaug=bool(self.options["randaug"]))
+        return SampleProcessor(image, load_tokenizer(self.options, cfg), int(self.options["max_text_len"]),
+                               **self.processor_args())
+
+    def processor_args(self) -> dict[str, Any]:
+        return {}
+

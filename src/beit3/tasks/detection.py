@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskSpec, register_task
 from beit3.data.dense import CocoInstanceDataset, unpad_targets
 from beit3.models.dense import Beit3ForInstanceSegmentation
-from beit3.tasks.common import build_task_model, parse_options
+from beit3.tasks.common import build_task_model, kept, parse_options
 from beit3.training.config import RunConfig
-from beit3.training.task import register_task
 
 DEFAULTS: dict[str, Any] = {
     "num_classes": 80,
@@ -81,22 +81,25 @@ def coco_average_precision(annotation_file: str | Path, results: list[dict[str, 
     return {f"{prefix}_AP": stats[0], f"{prefix}_AP50": stats[1], f"{prefix}_AP75": stats[2]}
 
 
+@register_task
 class DetectionTask:
-    metric_name = "box_AP"
-    higher_is_better = True
+    spec = TaskSpec(
+        name="detection", kind="finetune", aliases=("instance-segmentation",),
+        description="detection + instance segmentation (COCO format): box/mask AP",
+        model_class=Beit3ForInstanceSegmentation, metric="box_AP",
+        statistics={"records": "gather", "image_ids": "gather"}, verb="detection",
+        predict="beit3.tasks.predict_dense:add_dense",
+    )
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.options = parse_options("detection", cfg.task.options, DEFAULTS)
-        self.patch_size = 16
+        self.options = parse_options(self.spec.name, cfg.task.options, DEFAULTS)
         self.val: CocoInstanceDataset | None = None
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         o = self.options
-        model = build_task_model(Beit3ForInstanceSegmentation, cfg, None, num_labels=int(o["num_classes"]),
-                                 out_channels=int(o["out_channels"]), window_size=int(o["window_size"]),
-                                 rois_per_image=int(o["rois_per_image"]))
-        self.patch_size = model.config.patch_size
-        return model
+        return build_task_model(self.spec.model_class, cfg, None, num_labels=int(o["num_classes"]),
+                                out_channels=int(o["out_channels"]), window_size=int(o["window_size"]),
+                                rois_per_image=int(o["rois_per_image"]))
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
         o, root = self.options, Path(cfg.data.root or ".")
@@ -112,36 +115,22 @@ class DetectionTask:
         out = model(batch["pixel_values"], unpad_targets(batch))
         return out.loss, {name: float(value.detach()) for name, value in out.losses.items()}
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        assert self.val is not None, "build_datasets runs before evaluate"
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, list]:
+        """COCO result records of the batch's (counted) images. Every process runs the forward on
+        its whole batch, padding included, so sharded models stay in step."""
+        assert self.val is not None, "build_datasets runs before evaluation"
+        keep = kept(batch).tolist()
+        detections = model(batch["pixel_values"]).detections
+        rows = [i for i, k in enumerate(keep) if k]
+        ids = batch["image_id"][rows].tolist()
         sizes = {info["id"]: (info["height"], info["width"]) for info in self.val.images}
-        records, image_ids = [], []
-        for batch in batches:
-            keep = (~batch["is_padding"]).nonzero().flatten().tolist()
-            if not keep:
-                continue
-            detections = model(batch["pixel_values"][keep]).detections
-            ids = batch["image_id"][keep].tolist()
-            records += coco_results(detections, ids, batch["scale"][keep], self.val.category_ids,
-                                    [sizes[i] for i in ids])
-            image_ids += ids
-        records, image_ids = _gather(records), _gather(image_ids)
+        records = coco_results([detections[i] for i in rows], ids, batch["scale"][rows], self.val.category_ids,
+                               [sizes[i] for i in ids])
+        return {"records": records, "image_ids": ids}
+
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
+        assert self.val is not None, "build_datasets runs before evaluation"
+        records, image_ids = stats["records"], stats["image_ids"]
         scores = coco_average_precision(self.val.annotation_file, records, image_ids, "bbox")
         scores.update(coco_average_precision(self.val.annotation_file, records, image_ids, "segm"))
         return scores
-
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        pixels = batch["pixel_values"]
-        return pixels.shape[0] * (pixels.shape[-2] // self.patch_size) * (pixels.shape[-1] // self.patch_size)
-
-
-def _gather(items: list) -> list:
-    """Concatenate a list from every process (detections differ in count, so objects, not tensors)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return items
-    gathered: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
-
-
-register_task("detection", "finetune", DetectionTask, "detection + instance segmentation (COCO format): box/mask AP")

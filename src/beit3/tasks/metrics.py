@@ -30,8 +30,10 @@ from beit3.data.vqa_answers import normalize_answer
 # ------------------------------------------------------------------------- classification
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """Number of rows whose label is among the k highest logits, for each k (timm ``accuracy``).
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5),
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(ks),) counts, on the logits' device (no host sync), of the rows whose label is among
+    the k highest logits (timm ``accuracy``); ``keep`` (B,) bool leaves rows out.
 
     logits: (B, C); labels: (B,) class ids. k larger than C counts every row as correct, as a
     top-5 on a 3-class problem would. Ties among logits follow ``torch.topk``; real logits
@@ -40,9 +42,15 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (B, C) and labels (B,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices  # (B, k_max)
-    hits = top.eq(labels[:, None])  # (B, k_max)
-    return {k: int(hits[:, : min(k, k_max)].any(dim=1).sum().item()) for k in ks}
+    hits = logits.topk(k_max, dim=1).indices.eq(labels[:, None])  # (B, k_max)
+    if keep is not None:
+        hits = hits & keep[:, None]
+    return torch.stack([hits[:, : min(k, k_max)].any(dim=1).sum() for k in ks])
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """:func:`topk_hits` as plain numbers by k."""
+    return dict(zip(ks, topk_hits(logits, labels, ks).tolist()))
 
 
 def pair_accuracy_correct(logits: torch.Tensor, labels: torch.Tensor) -> int:

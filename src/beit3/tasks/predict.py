@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from beit3.tasks import predict_dense
 
 EXAMPLES = """examples:
   beit3 predict caption --model runs/cap/final photos/ --output captions.csv
@@ -37,9 +36,9 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "".join(f"  {line}\n" for line in lines) + COMMON_EPILOG
 
 
-def _add_kind(kinds: argparse._SubParsersAction, name: str, help_text: str, description: str,
+def _add_kind(kinds: argparse._SubParsersAction, spec: Any, help_text: str, description: str,
               epilog: str, *, text: bool = True, top_k: bool = False) -> argparse.ArgumentParser:
-    parser = kinds.add_parser(name, help=help_text, description=description, epilog=epilog,
+    parser = kinds.add_parser(spec.verb, help=help_text, description=description, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="model folder (from `beit3 finetune`, a checkpoint, or save_pretrained)")
@@ -61,9 +60,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a fine-tuned model folder on image files and folders, and print, or write as JSON or "
         "CSV, what it predicts.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="kind", metavar="<kind>", required=True)
+    from beit3.catalogue import iter_tasks
 
+    for spec in iter_tasks("finetune", having="predict"):
+        spec.predict_command()(kinds, spec)
+
+
+
+def add_caption(kinds: argparse._SubParsersAction, spec: Any) -> None:
+    """`beit3 predict {spec.verb}`."""
     caption = _add_kind(
-        kinds, "caption", "describe images in a sentence (Beit3ForCaptioning)",
+        kinds, spec, "describe images in a sentence (Beit3ForCaptioning)",
         "Caption images with a captioning model: beam search with the key/value cache.",
         _examples("beit3 predict caption --model runs/cap/final photo.jpg",
                   "beit3 predict caption --model runs/cap/final photos/ --num-beams 5 --output captions.json"))
@@ -71,10 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     caption.add_argument("--num-beams", type=int, default=3, help="beam width (default 3, as the release)")
     caption.add_argument("--max-length", type=int, default=32, help="most tokens per caption, BOS and EOS included")
     caption.add_argument("--length-penalty", type=float, default=0.6, help="score / length ** penalty (default 0.6)")
-    caption.set_defaults(func=run_caption)
+    caption.set_defaults(func=run_caption, task_name=spec.name)
 
+
+def add_vqa(kinds: argparse._SubParsersAction, spec: Any) -> None:
+    """`beit3 predict {spec.verb}`."""
     vqa = _add_kind(
-        kinds, "vqa", "answer a question about images (Beit3ForVisualQuestionAnswering)",
+        kinds, spec, "answer a question about images (Beit3ForVisualQuestionAnswering)",
         "Ask each image a question and list the top-k answers with their probabilities (the sigmoid of each "
         "answer's logit: the model is trained with binary cross-entropy). Answer names come from --answers, "
         "labels.txt or answer2label.txt in the model folder, or the answer2label.txt under the run's data.root.",
@@ -87,10 +97,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vqa.add_argument("--question", required=True, action="append",
                      help="the question; repeat to ask several (each is asked of every image)")
     vqa.add_argument("--answers", type=Path, help="answer names: answer2label.txt or a text file, line i = label i")
-    vqa.set_defaults(func=run_vqa)
+    vqa.set_defaults(func=run_vqa, task_name=spec.name)
 
+
+def add_classify(kinds: argparse._SubParsersAction, spec: Any) -> None:
+    """`beit3 predict {spec.verb}`."""
     classify = _add_kind(
-        kinds, "classify", "classify images (Beit3ForImageClassification)",
+        kinds, spec, "classify images (Beit3ForImageClassification)",
         "List the top-k classes of each image with their softmax probabilities. Class names come from "
         "--labels, labels.txt or imagenet.classes.txt in the model folder, or the run's data.root.",
         _examples("beit3 predict classify --model runs/imagenet/final photo.jpg",
@@ -98,10 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         text=False, top_k=True)
     classify.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
     classify.add_argument("--labels", type=Path, help="class names, one a line (line i = class i)")
-    classify.set_defaults(func=run_classify)
+    classify.set_defaults(func=run_classify, task_name=spec.name)
 
+
+def add_nlvr2(kinds: argparse._SubParsersAction, spec: Any) -> None:
+    """`beit3 predict {spec.verb}`."""
     nlvr2 = _add_kind(
-        kinds, "nlvr2", "is a statement true of two images? (Beit3ForVisualReasoning)",
+        kinds, spec, "is a statement true of two images? (Beit3ForVisualReasoning)",
         "Judge a statement about a left and a right image: true or false, with the probability that it is "
         "true. --pairs reads many from a CSV file with columns left,right,statement (relative image paths are "
         "taken from the CSV file's folder).",
@@ -110,10 +126,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nlvr2.add_argument("images", nargs="*", type=Path, help="LEFT RIGHT image files (without --pairs)")
     nlvr2.add_argument("--statement", help="the statement to judge (without --pairs)")
     nlvr2.add_argument("--pairs", type=Path, help="CSV file with columns left,right,statement")
-    nlvr2.set_defaults(func=run_nlvr2)
+    nlvr2.set_defaults(func=run_nlvr2, task_name=spec.name)
 
+
+def add_zero_shot(kinds: argparse._SubParsersAction, spec: Any) -> None:
+    """`beit3 predict {spec.verb}`."""
     zero_shot = _add_kind(
-        kinds, "zero-shot", "classify images into classes named at run time (Beit3ForImageTextRetrieval)",
+        kinds, spec, "classify images into classes named at run time (Beit3ForImageTextRetrieval)",
         "Zero-shot classification with a retrieval model: each class name (underscores read as spaces) is put "
         "in prompt templates ('a photo of a {}.', ...), the text embeddings of a class are averaged, and each "
         "image gets the classes whose embeddings are closest. --classes is a text file of names, or a folder of "
@@ -130,9 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zero_shot.add_argument("--templates", type=Path, help="prompt templates, one a line, each with {} for the name")
     zero_shot.add_argument("--evaluate", action="store_true",
                            help="also predict every image in the --classes folder and report accuracy")
-    zero_shot.set_defaults(func=run_zero_shot)
-
-    predict_dense.register_kinds(kinds)
+    zero_shot.set_defaults(func=run_zero_shot, task_name=spec.name)
 
 
 # ------------------------------------------------------------------ running
@@ -148,7 +165,7 @@ def _pipeline(task: str, args: argparse.Namespace, **options: Any):
     pipe = pipeline(task, args.model, tokenizer=getattr(args, "tokenizer", None), batch_size=args.batch_size,
                     device=args.device, **options)
     if getattr(pipe, "labels", None) is not None and pipe.labels_source is None:
-        flag = "--answers" if task == "vqa" else "--labels"
+        flag = "--answers" if hasattr(args, "answers") else "--labels"
         print(f"note: no label names found for {args.model}; showing label numbers. Pass {flag} FILE, or put "
               "labels.txt (line i names label i) in the model folder.", file=sys.stderr)
     return pipe
@@ -161,41 +178,41 @@ def _summary(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any
 def run_caption(args: argparse.Namespace) -> int:
     from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
 
-    pipe = _pipeline("captioning", args)
+    pipe = _pipeline(args.task_name, args)
     report = InputReport()
     records = []
-    for chunk in load_images(list_images(args.images, report), args.batch_size, report, "caption"):
+    for chunk in load_images(list_images(args.images, report), args.batch_size, report, args.kind):
         results = pipe([image for _, image in chunk], num_beams=args.num_beams, max_length=args.max_length,
                        length_penalty=args.length_penalty)
         records += [{"image": str(path), **result} for (path, _), result in zip(chunk, results)]
-    return finish(records, report, args.output, _summary("caption", args))
+    return finish(records, report, args.output, _summary(args.kind, args))
 
 
 def run_vqa(args: argparse.Namespace) -> int:
     from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
 
-    pipe = _pipeline("vqa", args, labels=args.answers)
+    pipe = _pipeline(args.task_name, args, labels=args.answers)
     report = InputReport()
     records = []
-    for chunk in load_images(list_images(args.images, report), args.batch_size, report, "vqa"):
+    for chunk in load_images(list_images(args.images, report), args.batch_size, report, args.kind):
         images = [image for _, image in chunk]
         for question in args.question:
             answers = pipe(images, question, top_k=args.top_k)
             records += [{"image": str(path), "question": question, "answers": ranked}
                         for (path, _), ranked in zip(chunk, answers)]
-    return finish(records, report, args.output, _summary("vqa", args))
+    return finish(records, report, args.output, _summary(args.kind, args))
 
 
 def run_classify(args: argparse.Namespace) -> int:
     from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
 
-    pipe = _pipeline("classification", args, labels=args.labels)
+    pipe = _pipeline(args.task_name, args, labels=args.labels)
     report = InputReport()
     records = []
-    for chunk in load_images(list_images(args.images, report), args.batch_size, report, "classify"):
+    for chunk in load_images(list_images(args.images, report), args.batch_size, report, args.kind):
         ranked = pipe([image for _, image in chunk], top_k=args.top_k)
         records += [{"image": str(path), "labels": labels} for (path, _), labels in zip(chunk, ranked)]
-    return finish(records, report, args.output, _summary("classify", args))
+    return finish(records, report, args.output, _summary(args.kind, args))
 
 
 def read_pairs(path: Path) -> list[tuple[Path, Path, str]]:
@@ -222,15 +239,15 @@ def run_nlvr2(args: argparse.Namespace) -> int:
         raise ValueError("give --statement \"...\" and exactly two images, LEFT RIGHT (or --pairs FILE.csv)")
     else:
         rows = [(args.images[0], args.images[1], args.statement)]
-    pipe = _pipeline("nlvr2", args)
+    pipe = _pipeline(args.task_name, args)
     report = InputReport()
     records = []
-    for chunk in load_groups([(left, right) for left, right, _ in rows], args.batch_size, report, "nlvr2"):
+    for chunk in load_groups([(left, right) for left, right, _ in rows], args.batch_size, report, args.kind):
         statements = [rows[index][2] for index, _ in chunk]
         results = pipe([images for _, images in chunk], statements)
         records += [{"left": str(rows[index][0]), "right": str(rows[index][1]), "statement": statement, **result}
                     for (index, _), statement, result in zip(chunk, statements, results)]
-    return finish(records, report, args.output, _summary("nlvr2", args))
+    return finish(records, report, args.output, _summary(args.kind, args))
 
 
 def read_classes(path: Path) -> tuple[list[str], dict[str, list[Path]]]:
@@ -268,7 +285,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     if not args.images and not args.evaluate:
         raise ValueError("give images to classify, or --evaluate with a --classes folder of class folders")
     templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
-    pipe = _pipeline("zero-shot", args, classes=classes, templates=templates)
+    pipe = _pipeline(args.task_name, args, classes=classes, templates=templates)
     report = InputReport()
     paths = list_images(args.images, report)
     truth: dict[Path, int] = {}
@@ -278,7 +295,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
                 truth[path] = index
                 paths.append(path)
     records, hits1, hits5 = [], 0, 0
-    for chunk in load_images(paths, args.batch_size, report, "zero-shot"):
+    for chunk in load_images(paths, args.batch_size, report, args.kind):
         # accuracy needs the top 5 even when fewer are listed
         ranked = pipe([image for _, image in chunk], top_k=max(args.top_k, 5) if truth else args.top_k)
         for (path, _), labels in zip(chunk, ranked):
@@ -294,7 +311,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     metrics = {"images": scored, "top1_accuracy": 100 * hits1 / scored,
                "top5_accuracy": 100 * hits5 / scored} if scored else {}
     code = finish(records, report, args.output,
-                  _summary("zero-shot", args, classes=pipe.classes, templates=pipe.templates,
+                  _summary(args.kind, args, classes=pipe.classes, templates=pipe.templates,
                            **({"metrics": metrics} if metrics else {})))
     if metrics:
         print(f"zero-shot accuracy over {metrics['images']} images: top-1 {metrics['top1_accuracy']:.2f} %, "

@@ -7,6 +7,7 @@ import argparse
 import colorsys
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,31 +66,40 @@ def category_names(path: Path | None, count: int) -> list[str]:
     return names
 
 
-def register_kinds(kinds: argparse._SubParsersAction) -> None:
-    """`beit3 predict detection` and `beit3 predict segmentation`."""
-    for kind, what in (("detection", "boxes, labels and masks"), ("segmentation", "a colour per predicted class")):
-        parser = kinds.add_parser(
-            kind, help=f"draw a {kind} model's predictions ({what}) on images as PNG",
-            description=f"Load a {kind} model folder (from `beit3 finetune` or save_pretrained), run it on images "
-            f"or folders of images, and write one PNG per image with the prediction drawn on it ({what}), "
-            "plus predictions.json. Unreadable files are reported and skipped.",
-            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
-        parser.add_argument("--model", required=True, type=Path, help="model folder (config.json + model.safetensors)")
-        parser.add_argument("--out", required=True, type=Path, help="output folder for PNGs and predictions.json")
-        parser.add_argument("--labels", type=Path, help="class names: a COCO instances JSON or a text file, one per line")
-        if kind == "detection":
-            parser.add_argument("--score-threshold", type=float, default=0.5, help="smallest score drawn")
-        parser.add_argument("--batch-size", type=int, default=8)
-        parser.set_defaults(func=run_predict)
+def _instance_class() -> type:
+    from beit3.models import Beit3ForInstanceSegmentation
+
+    return Beit3ForInstanceSegmentation
+
+
+def add_dense(kinds: argparse._SubParsersAction, spec: Any) -> None:
+    """`beit3 predict detection` and `beit3 predict segmentation` (one call per task)."""
+    kind = spec.verb
+    boxes = spec.model_class is _instance_class()
+    what = "boxes, labels and masks" if boxes else "a colour per predicted class"
+    parser = kinds.add_parser(
+        kind, help=f"draw a {kind} model's predictions ({what}) on images as PNG",
+        description=f"Load a {kind} model folder (from `beit3 finetune` or save_pretrained), run it on images "
+        f"or folders of images, and write one PNG per image with the prediction drawn on it ({what}), "
+        "plus predictions.json. Unreadable files are reported and skipped.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
+    parser.add_argument("--model", required=True, type=Path, help="model folder (config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for PNGs and predictions.json")
+    parser.add_argument("--labels", type=Path, help="class names: a COCO instances JSON or a text file, one per line")
+    if boxes:
+        parser.add_argument("--score-threshold", type=float, default=0.5, help="smallest score drawn")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.set_defaults(func=run_predict, task_name=spec.name)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from beit3.models import Beit3ForInstanceSegmentation, Beit3ForSemanticSegmentation, load_any_model
+    from beit3.catalogue import get_task
+    from beit3.models import Beit3ForInstanceSegmentation, load_any_model
     from beit3.tasks.predict_io import InputReport, list_images, load_images, require_predictions
 
     model = load_any_model(args.model).eval()
-    expected = Beit3ForInstanceSegmentation if args.kind == "detection" else Beit3ForSemanticSegmentation
+    expected = get_task(args.task_name).model_class
     if not isinstance(model, expected):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a {expected.__name__}")
     names = category_names(args.labels, model.num_labels)
@@ -103,13 +113,13 @@ def run_predict(args: argparse.Namespace) -> int:
         pixels = torch.stack([torch.from_numpy(np.array(im.resize((size, size), Image.BILINEAR))).permute(2, 0, 1)
                               for im in originals]).float() / 255
         with torch.no_grad():
-            if args.kind == "detection":
+            if isinstance(model, Beit3ForInstanceSegmentation):
                 results = model(pixels).detections
             else:
                 results = model((pixels - 0.5) / 0.5).logits.argmax(1).numpy()
         for (path, image), result in zip(chunk, results):
             resized = image.resize((size, size), Image.BILINEAR)
-            if args.kind == "detection":
+            if isinstance(model, Beit3ForInstanceSegmentation):
                 drawn = draw_detections(resized, result, names, args.score_threshold).resize(image.size)
                 keep = result["scores"] >= args.score_threshold
                 records.append({"image": str(path), "detections": [

@@ -42,10 +42,11 @@ from tqdm import tqdm
 
 from beit3.models import Beit3ForImageTextRetrieval
 from beit3.models.base import CONFIG_NAME, WEIGHTS_NAME
+from beit3.catalogue import spec_for_model
+from beit3.model_folder import load_image_processor, resolve_tokenizer, text_length
 from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.processing.image import CONFIG_FILENAME as IMAGE_PROCESSOR_CONFIG
 from beit3.processing.image import ImageInput
-from beit3.processing.processor import CONFIG_FILENAME as PROCESSOR_CONFIG
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -152,9 +153,10 @@ class RetrievalEncoder:
                                  "search needs a model fine-tuned for image-text retrieval")
         self.device = torch.device(device)
         self.model = Beit3ForImageTextRetrieval.from_pretrained(path).to(self.device).eval()
-        self.image_processor = _eval_image_processor(path, self.model.config.image_size)
-        self.tokenizer_source = Path(tokenizer) if tokenizer is not None else path
-        self.max_length = _text_length(path)
+        self.image_processor = load_image_processor(path if path.is_dir() else None, spec_for_model(
+            Beit3ForImageTextRetrieval).image_mode, self.model.config.image_size)
+        self.tokenizer_given, self.model_path = tokenizer, path
+        self.max_length = text_length(path)
         self._tokenizer: Beit3Tokenizer | None = None
 
     @property
@@ -164,11 +166,9 @@ class RetrievalEncoder:
     @property
     def tokenizer(self) -> Beit3Tokenizer:
         if self._tokenizer is None:
-            try:
-                self._tokenizer = Beit3Tokenizer.from_pretrained(self.tokenizer_source)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"text queries need the model's tokenizer: {err}; pass --tokenizer "
-                                        "(a SentencePiece file such as beit3.spm, or a tokenizer folder)") from None
+            self._tokenizer = resolve_tokenizer(self.tokenizer_given, self.model_path, hint=(
+                "text queries need the model's tokenizer: pass --tokenizer (a SentencePiece file such as beit3.spm, "
+                "or a tokenizer folder)"))
         return self._tokenizer
 
     @torch.inference_mode()
@@ -186,21 +186,6 @@ class RetrievalEncoder:
         batch = self.tokenizer(list(texts), max_length=self.max_length)
         return self.model.encode_text(batch["input_ids"].to(self.device),
                                       batch["attention_mask"].to(self.device)).float().cpu()
-
-
-def _eval_image_processor(model_path: Path, image_size: int) -> Beit3ImageProcessor:
-    saved = model_path / IMAGE_PROCESSOR_CONFIG if model_path.is_dir() else None
-    if saved is not None and saved.is_file():
-        # A processor saved for training would augment at random; indexing must be deterministic.
-        return Beit3ImageProcessor.from_dict({**Beit3ImageProcessor.from_pretrained(saved).to_dict(), "train": False})
-    return Beit3ImageProcessor.for_task("retrieval", image_size)
-
-
-def _text_length(model_path: Path) -> int:
-    saved = model_path / PROCESSOR_CONFIG if model_path.is_dir() else None
-    if saved is not None and saved.is_file():
-        return int(json.loads(saved.read_text()).get("max_length", 64))
-    return 64  # every official recipe's text length
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Metric: mIoU (and pixel accuracy) over the validation split, accumulated across 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskSpec, register_task
 from beit3.data.dense import SemanticSegmentationDataset
 from beit3.models.dense import Beit3ForSemanticSegmentation
-from beit3.tasks.common import build_task_model, parse_options
+from beit3.tasks.common import build_task_model, kept, parse_options
 from beit3.tasks.dense_metrics import confusion_matrix, segmentation_scores
 from beit3.training.config import RunConfig
-from beit3.training.distributed import all_reduce_sum
-from beit3.training.task import register_task
 
 DEFAULTS: dict[str, Any] = {
     "num_classes": 150,
@@ -34,21 +33,23 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@register_task
 class SemanticSegmentationTask:
-    metric_name = "mIoU"
-    higher_is_better = True
+    spec = TaskSpec(
+        name="segmentation", kind="finetune", aliases=("semantic-segmentation",),
+        description="semantic segmentation (ADE20K-style folders): mIoU", model_class=Beit3ForSemanticSegmentation,
+        metric="mIoU", statistics={"confusion": "sum"}, verb="segmentation",
+        predict="beit3.tasks.predict_dense:add_dense",
+    )
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.options = parse_options("segmentation", cfg.task.options, DEFAULTS)
+        self.options = parse_options(self.spec.name, cfg.task.options, DEFAULTS)
         self.num_classes = int(self.options["num_classes"])
-        self.patch_size = 16
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         o = self.options
-        model = build_task_model(Beit3ForSemanticSegmentation, cfg, None, num_labels=self.num_classes,
-                                 out_channels=int(o["out_channels"]), window_size=int(o["window_size"]))
-        self.patch_size = model.config.patch_size
-        return model
+        return build_task_model(self.spec.model_class, cfg, None, num_labels=self.num_classes,
+                                out_channels=int(o["out_channels"]), window_size=int(o["window_size"]))
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
         o, root = self.options, Path(cfg.data.root or ".")
@@ -60,18 +61,10 @@ class SemanticSegmentationTask:
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss, {}
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
-        for batch in batches:
-            keep = ~batch["is_padding"]
-            prediction = model(pixel_values=batch["pixel_values"]).logits.argmax(1)
-            confusion += confusion_matrix(prediction[keep], batch["labels"][keep], self.num_classes).double()
-        all_reduce_sum(confusion)
-        return segmentation_scores(confusion)
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        keep = kept(batch)
+        prediction = model(pixel_values=batch["pixel_values"]).logits.argmax(1)
+        return {"confusion": confusion_matrix(prediction[keep], batch["labels"][keep], self.num_classes).double()}
 
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        pixels = batch["pixel_values"]
-        return pixels.shape[0] * (pixels.shape[-2] // self.patch_size) * (pixels.shape[-1] // self.patch_size)
-
-
-register_task("segmentation", "finetune", SemanticSegmentationTask, "semantic segmentation (ADE20K-style folders): mIoU")
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
+        return segmentation_scores(stats["confusion"])

@@ -21,23 +21,22 @@ with :func:`beit3.tasks.metrics.write_vqa_submission` (``beit3 evaluate --task v
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from beit3.catalogue import TaskSpec, register_task
 from beit3.data import VQADataset, read_jsonl
 from beit3.data.builders import read_answer2label
 from beit3.models import Beit3ForVisualQuestionAnswering
-from beit3.tasks.common import VisionLanguageTask, index_files, model_inputs
-from beit3.tasks.metrics import vqa_accuracy, vqa_soft_score
+from beit3.tasks.common import VisionLanguageTask, index_files, kept, model_inputs
+from beit3.tasks.metrics import vqa_accuracy, write_vqa_submission
 from beit3.training.config import RunConfig
-from beit3.training.distributed import all_gather_objects, all_reduce_sum
 from beit3.training.logging import logger
-from beit3.training.task import register_task
 
 DEFAULTS: dict[str, Any] = {
     "num_classes": None,
@@ -45,18 +44,34 @@ DEFAULTS: dict[str, Any] = {
     "max_text_len": 64,
     "answer2label": "answer2label.txt",
 }
-TRAIN_INDEX = ["vqa.train.jsonl", "vqa.trainable_val.jsonl"]
-VAL_INDEX = "vqa.rest_val.jsonl"
 ANSWER_TYPES = {"yes/no": "yes_no", "number": "number", "other": "other"}
 """The official evaluation's answer types and the suffix of their metric key."""
 
 
+def write_submission(task: "VQATask", stats: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """``beit3 evaluate`` on a split without answers (test-dev, test): the EvalAI file."""
+    if context["has_labels"]:
+        return {}
+    target = Path(context["output"] or Path(context["checkpoint"]) / f"submit_vqav2_{context['split']}.json")
+    if context["is_main"]:
+        write_vqa_submission(target, [(qid, task.answers[label]) for qid, label in stats["predictions"]])
+    return {"submission": str(target)}
+
+
+@register_task
 class VQATask(VisionLanguageTask):
-    name = "vqav2"
+    spec = TaskSpec(
+        name="vqav2", kind="finetune", aliases=("vqa",),
+        description="VQAv2 answer classification: soft-score BCE, vqa_score",
+        model_class=Beit3ForVisualQuestionAnswering, head_keys=("pooler.dense.weight", "head.0.weight"),
+        image_mode="vl", randaug=True, index="vqa.{split}.jsonl", train_splits=("train", "trainable_val"),
+        eval_split="rest_val", splits=("rest_val", "val", "test-dev", "test"), metric="vqa_score",
+        statistics={"soft_score": "sum", "questions": "sum", "predictions": "gather"},
+        evaluate_hook=write_submission, pipeline="beit3.pipelines:VQAPipeline", verb="vqa",
+        predict="beit3.tasks.predict:add_vqa",
+    )
     defaults = DEFAULTS
-    model_class = Beit3ForVisualQuestionAnswering
     raw_dataset = VQADataset
-    metric_name = "vqa_score"
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -87,20 +102,8 @@ class VQATask(VisionLanguageTask):
     def head_args(self) -> dict[str, Any]:
         return {"num_labels": self.num_classes}
 
-    def collate_args(self) -> dict[str, Any]:
+    def processor_args(self) -> dict[str, Any]:
         return {"num_labels": self.num_classes}
-
-    def train_index(self) -> list[str]:
-        return TRAIN_INDEX
-
-    def val_index(self) -> str:
-        return VAL_INDEX
-
-    default_split = "rest_val"
-
-    def split_index(self, split: str) -> str:
-        """``rest_val`` (local validation), ``val``, ``test-dev``, ``test``."""
-        return f"vqa.{split}.jsonl"
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return model(**model_inputs(batch), labels=batch["labels"]).loss, {}
@@ -112,60 +115,46 @@ class VQATask(VisionLanguageTask):
         None when a row has no ``raw_answers`` (an index built before they were kept): then the
         official accuracy is not reported and one warning says how to rebuild the index.
         """
-        paths = index_files(self.cfg.data.root, self.options["val_index"] or self.val_index())
+        paths = index_files(self.cfg.data.root, self.val_index())
         rows = [row for path in paths for row in read_jsonl(path, ("qid",))]
         if all("raw_answers" in row for row in rows):
             return {int(row["qid"]): (row["raw_answers"], row.get("answer_type")) for row in rows}
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            logger.warning("vqa_accuracy not reported: %s has no raw_answers (built by an older version); "
-                           "rebuild it with `beit3 data build vqav2 --root <coco> --out <index>`",
-                           ", ".join(map(str, paths)))
+        logger.warning("vqa_accuracy not reported: %s has no raw_answers (built by an older version); "
+                       "rebuild it with `beit3 data build vqav2 --root <coco> --out <index>`", ", ".join(map(str, paths)))
         return None
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """Soft score of the argmax answer and the question count (when the split has answers),
+        and (question id, answer label) of every counted question."""
+        keep = kept(batch)
+        logits = model(**model_inputs(batch)).logits
+        best = logits.argmax(-1)
+        out: dict[str, Any] = {"questions": keep.sum()}
+        if "labels" in batch:
+            out["soft_score"] = (batch["labels"].float().gather(1, best[:, None])[:, 0] * keep).sum()
+        out["predictions"] = [(qid, label) for qid, label, k in
+                              zip(batch["qid"].tolist(), best.tolist(), keep.tolist()) if k]
+        return out
+
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
+        questions = float(stats["questions"])
+        if "soft_score" not in stats:  # a split without answers: predictions only (see write_submission)
+            return {"questions": float(len({qid for qid, _ in stats["predictions"]}))}
+        metrics = {"vqa_score": 100 * float(stats["soft_score"]) / max(questions, 1.0)}
         annotations = self.annotations
-        types = list(ANSWER_TYPES)
-        # Per-process sums, added over processes at the end (padding rows are never counted):
-        # soft score, questions, official accuracy, then (accuracy, questions) per answer type.
-        sums = torch.zeros(3 + 2 * len(types), dtype=torch.float64)
-        for batch in batches:
-            keep = ~batch["is_padding"]
-            logits = model(**model_inputs(batch)).logits[keep]
-            sums[0] += vqa_soft_score(logits, batch["labels"][keep])
-            sums[1] += int(keep.sum())
-            if annotations is None:
-                continue
-            for qid, label in zip(batch["qid"][keep].tolist(), logits.argmax(-1).tolist()):
+        if annotations is not None:
+            totals = {t: [0.0, 0] for t in ANSWER_TYPES}
+            overall = 0.0
+            for qid, label in stats["predictions"]:
                 raw_answers, answer_type = annotations[qid]
                 accuracy = vqa_accuracy(self.answers[label], raw_answers)
-                sums[2] += accuracy
-                if answer_type in ANSWER_TYPES:
-                    slot = 3 + 2 * types.index(answer_type)
-                    sums[slot] += accuracy
-                    sums[slot + 1] += 1
-        # NCCL reduces only GPU tensors: reduce on the model's device, as the training loop does.
-        device = next(model.parameters()).device
-        sums = all_reduce_sum(sums.to(device)).cpu()
-        questions = max(sums[1].item(), 1.0)
-        metrics = {"vqa_score": 100 * sums[0].item() / questions}
-        if annotations is not None:
-            metrics["vqa_accuracy"] = 100 * sums[2].item() / questions
-            for n, answer_type in enumerate(types):
-                total, count = sums[3 + 2 * n].item(), sums[4 + 2 * n].item()
+                overall += accuracy
+                if answer_type in totals:
+                    totals[answer_type][0] += accuracy
+                    totals[answer_type][1] += 1
+            metrics["vqa_accuracy"] = 100 * overall / max(questions, 1.0)
+            for answer_type, (total, count) in totals.items():
                 if count:
                     metrics[f"vqa_accuracy_{ANSWER_TYPES[answer_type]}"] = 100 * total / count
-        metrics["questions"] = sums[1].item()
+        metrics["questions"] = questions
         return metrics
-
-    def predict(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> list[tuple[int, str]]:
-        """(question id, answer string) for every question of the split, gathered from all processes."""
-        mine: list[tuple[int, str]] = []
-        for batch in batches:
-            keep = ~batch["is_padding"]
-            logits = model(**model_inputs(batch)).logits
-            for qid, label in zip(batch["qid"][keep].tolist(), logits[keep].argmax(-1).tolist()):
-                mine.append((qid, self.answers[label]))
-        return [pair for part in all_gather_objects(mine) for pair in part]
-
-
-register_task("vqav2", "finetune", VQATask, "VQAv2 answer classification: soft-score BCE, vqa_score")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from beit3.training.config import load_config
 from beit3.training.loop import Trainer
-from beit3.training.task import TaskKind, build_task, registered_tasks
+from beit3.catalogue import iter_tasks
+from beit3.training.task import TaskKind, build_task
 
 _EPILOG = """\
 Any recipe key can be overridden as section.key=value (values are YAML):
@@ -46,8 +47,8 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, help_tex
     parser.add_argument("--recipe", help="YAML recipe (required unless --list-tasks), e.g. configs/" + recipe)
     parser.add_argument("--task", help="task name, overriding task.name of the recipe")
     if kind == "pretrain":
-        parser.add_argument("--objective", choices=("mdm", "itc"),
-                            help="mdm: masked data modeling (the BEiT-3 pretraining); itc: image-text contrastive "
+        parser.add_argument("--objective", metavar="TASK",
+                            help="a pretraining task of the catalogue (--list-tasks): mdm, masked data modeling (the BEiT-3 pretraining); itc: image-text contrastive "
                                  "intermediate tuning of the dual encoder, as the released -itc checkpoints "
                                  "(same as --task mdm / --task itc)")
     parser.add_argument("--output-dir", help="run folder (train.output_dir)")
@@ -66,9 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, kind: TaskKind) -> int:
     """Exit status: 0 done, 1 stopped on non-finite losses, 128+signal when stopped by a signal."""
     if args.list_tasks:
-        for name, entry in sorted(registered_tasks().items()):
-            if entry.kind == kind:
-                print(f"{name:24s} {entry.description}")
+        for spec in iter_tasks(kind):
+            aliases = f" (also {', '.join(spec.aliases)})" if spec.aliases else ""
+            print(f"{spec.name:24s} {spec.description}{aliases}")
         return 0
     if not args.recipe or not Path(args.recipe).is_file():
         problem = f"recipe not found: {args.recipe}" if args.recipe else "--recipe is required"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +177,21 @@ class EvalDataset(Dataset):
         return {**item, "is_padding": is_padding}
 
 
+class EvalCollate:
+    """Batches :class:`EvalDataset` samples with the task's ``collate`` (the default collate when
+    None) and adds ``is_padding`` as a bool tensor, so a task's collate never sees the flag."""
+
+    def __init__(self, collate: Callable[[list], dict] | None = None) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list[dict]) -> dict:
+        from torch.utils.data import default_collate
+
+        flags = torch.tensor([bool(sample["is_padding"]) for sample in samples])
+        rows = [{k: v for k, v in sample.items() if k != "is_padding"} for sample in samples]
+        return {**(self.collate or default_collate)(rows), "is_padding": flags}
+
+
 def find_blocks(model: nn.Module, block_lists: list[str] | None) -> list[nn.Module]:
     """The modules that form sharding / activation-checkpointing units, in model order."""
     if block_lists is None:
@@ -192,11 +207,11 @@ def find_blocks(model: nn.Module, block_lists: list[str] | None) -> list[nn.Modu
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block in backward; the composable API keeps parameter names unchanged."""
-    from torch.distributed._composable import checkpoint
+    """Recompute each block in backward (:func:`beit3.layers.checkpoint_blocks`, the one
+    implementation the models' ``gradient_checkpointing_enable`` uses too)."""
+    from beit3.layers import checkpoint_blocks
 
-    for block in blocks:
-        checkpoint(block)
+    checkpoint_blocks(blocks)
 
 
 def apply_fsdp(

@@ -34,8 +34,9 @@ from beit3.training import checkpoint as ckpt
 from beit3.training import distributed as D
 from beit3.training.config import RunConfig
 from beit3.training.logging import RunLogger, format_summary, logger, setup_console_logging
+from beit3.training.evaluation import count_tokens, evaluate_batches
 from beit3.training.optim import WarmupCosineSchedule, WeightEma, param_groups
-from beit3.training.task import TrainTask
+from beit3.training.task import TrainTask, setup_task
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,9 +90,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         world, rank = self.dist.world_size, self.dist.rank
 
+        # Heavy task set-up (tokenizers) now that the process group exists: once, main process first.
+        setup_task(self.task, cfg, self.dist)
         # Same seed on every process while building, so replicas (and FSDP shards) agree.
         seed_everything(cfg.train.seed)
         model = self.task.build_model(cfg).to(self.dist.device)
+        self.patch_size = int(getattr(getattr(model, "config", None), "patch_size", 16))
         self.train_set, self.val_set = self.task.build_datasets(cfg)
         seed_everything(cfg.train.seed + rank)
 
@@ -242,7 +246,7 @@ class Trainer:
                 ema_state=ema_state, text_files=texts,
             )
             if self.best is not None and self.best["step"] == self.step:
-                ckpt.write_best(self.checkpoint_root, self.step, self.task.metric_name, self.best["value"])
+                ckpt.write_best(self.checkpoint_root, self.step, self.task.spec.metric, self.best["value"])
             ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.train.keep_last)
         D.barrier()
         return path
@@ -269,6 +273,7 @@ class Trainer:
             pin_memory=self.dist.device.type == "cuda",
             generator=generator,
             drop_last=False,
+            collate_fn=getattr(self.task, "collate_fn", None),
         )
         for batch in loader:
             yield _to_device(batch, self.dist.device)
@@ -301,7 +306,7 @@ class Trainer:
             if log_keys is None:
                 log_keys = sorted(logs)
             values = [loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0,
-                      float(self.task.num_tokens(batch))] + [float(logs[k]) for k in log_keys]
+                      float(self._num_tokens(batch))] + [float(logs[k]) for k in log_keys]
             part = torch.tensor(values, dtype=torch.float64)
             totals = part if totals is None else totals + part
         stop = 1.0 if self._stop_signal is not None else 0.0
@@ -330,6 +335,11 @@ class Trainer:
             out["loss_scale"] = float(self.scaler.get_scale())
         return out
 
+    def _num_tokens(self, batch: dict[str, Any]) -> int:
+        """Tokens in a micro-batch (the task's own count when it has one), for tokens/s."""
+        own = getattr(self.task, "num_tokens", None)
+        return own(batch) if callable(own) else count_tokens(batch, self.patch_size)
+
     # ------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict[str, float] | None:
@@ -342,6 +352,7 @@ class Trainer:
             batch_size=self.cfg.data.eval_batch_size or self.micro_batch,
             sampler=sampler,
             num_workers=self.cfg.data.num_workers,
+            collate_fn=D.EvalCollate(getattr(self.task, "collate_fn", None)),
         )
         device = self.dist.device
         if self.ema is not None:
@@ -350,17 +361,17 @@ class Trainer:
         try:
             with torch.no_grad(), torch.autocast(device.type, dtype=self.autocast_dtype,
                                                  enabled=self.autocast_dtype != torch.float32):
-                metrics = self.task.evaluate(self.model, (_to_device(b, device) for b in loader))
+                metrics, _ = evaluate_batches(self.task, self.model, (_to_device(b, device) for b in loader), device)
         finally:
             self.model.train()
             if self.ema is not None:
                 self.ema.swap(self.raw_model)
-        return {k: float(v) for k, v in metrics.items()}
+        return metrics
 
     def _is_better(self, value: float) -> bool:
         if self.best is None:
             return True
-        return value > self.best["value"] if self.task.higher_is_better else value < self.best["value"]
+        return value > self.best["value"] if self.task.spec.higher_is_better else value < self.best["value"]
 
     # ------------------------------------------------------------------- main
 
@@ -433,7 +444,7 @@ class Trainer:
                     if self.step % eval_every == 0 or done:
                         metrics = self.evaluate()
                         if metrics is not None:
-                            value = metrics[self.task.metric_name]
+                            value = metrics[self.task.spec.metric]
                             run_log.log("val", self.step, metrics)
                             run_log.message(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                             if self._is_better(value):
@@ -460,7 +471,7 @@ class Trainer:
             "samples_per_s": round((self.step - start_step) * cfg.data.batch_size / max(wall, 1e-9), 2),
             "final_train_loss": last.get("loss"),
             "nonfinite_steps_skipped": self.nonfinite_total,
-            "best_" + self.task.metric_name: None if self.best is None else self.best["value"],
+            "best_" + self.task.spec.metric: None if self.best is None else self.best["value"],
             "best_step": None if self.best is None else self.best["step"],
             "output_dir": str(self.output_dir),
         }

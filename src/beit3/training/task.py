@@ -1,39 +1,43 @@
-"""The task protocol the loop trains, and the registry that maps recipe names to tasks.
+"""The task protocol the engine trains and evaluates, and how a recipe's ``task.name`` becomes a task.
 
 A task bundles what differs between VQA, retrieval, captioning, pretraining...: the model, the
-datasets, the loss and the metric. The loop never looks inside a batch; it asks the task. Wiring a
-new task is one ``register_task`` call in a module listed in :data:`TASK_MODULES`, or no call at
-all: a recipe may name any factory as ``package.module:factory``.
+datasets and their collate function, the loss and the per-batch evaluation statistics. The engine
+never looks inside a batch; it asks the task, and it alone talks to other processes: it reduces
+the statistics a task returns (see :mod:`beit3.training.evaluation`). Tasks are declared in the
+catalogue (:mod:`beit3.catalogue`); a recipe may also name any factory as ``package.module:factory``.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from beit3.catalogue import TaskKind, TaskSpec, get_task, register_task
+
 if TYPE_CHECKING:
     from beit3.training.config import RunConfig
+    from beit3.training.distributed import DistInfo
 
-TaskKind = Literal["pretrain", "finetune"]
+__all__ = ["TaskKind", "TaskSpec", "TrainTask", "build_task", "register_task"]
 
 
 @runtime_checkable
 class TrainTask(Protocol):
-    """What the loop needs from a task.
+    """What the engine needs from a task.
 
-    Batches are dicts of tensors (the dataset's samples collated by the default collate). The
-    model handed to ``train_step`` and ``evaluate`` may be wrapped (DDP) or sharded (FSDP2);
-    call it, do not reach into its attributes.
+    The model handed to ``train_step`` and ``eval_step`` may be wrapped (DDP) or sharded (FSDP2);
+    call it, do not reach into its attributes. Optional methods the engine calls when present:
+    ``setup(cfg, dist, main_first)`` (heavy set-up after the process group exists, see
+    :meth:`beit3.training.loop.Trainer._setup`) and ``collate_fn`` (a batching function; the
+    default collate otherwise).
     """
 
-    metric_name: str
-    """Key of ``evaluate``'s result used to select the best checkpoint (e.g. ``vqa_score``)."""
-    higher_is_better: bool
+    spec: TaskSpec
+    """The task's declaration: ``metric``, ``higher_is_better`` and ``statistics`` are read from it."""
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         """The task model, on CPU in float32, following the optimizer protocol:
@@ -41,67 +45,30 @@ class TrainTask(Protocol):
         ...
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        """(train, validation) map-style datasets of dict samples. Validation must use
-        evaluation transforms (the official script validated with training augmentation)."""
+        """(train, validation) map-style datasets. Validation must use evaluation transforms
+        (the official script validated with training augmentation)."""
         ...
 
     def train_step(
         self, model: nn.Module, batch: dict[str, Any], *, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward one micro-batch; return the scalar loss (mean over the micro-batch) and
-        extra floats to log. ``step`` is the optimiser step, for losses that change over
-        training (captioning drops the worst tokens after step 12000)."""
+        extra values to log (floats or 0-d tensors). ``step`` is the optimiser step, for losses
+        that change over training (captioning drops the worst tokens after step 12000)."""
         ...
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Metrics over the validation shard of this process, reduced over all processes
-        (see ``beit3.training.distributed.all_reduce_sum``). Each batch has a boolean
-        ``is_padding`` tensor marking repeated samples that must not be counted."""
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> Mapping[str, Any]:
+        """Statistics of one validation batch, one entry per key of ``spec.statistics``: tensors
+        for ``sum`` / ``max`` (left on the batch's device: no host sync), lists for ``gather``.
+        The batch has a boolean ``is_padding`` tensor marking repeated samples not to count."""
         ...
 
-    def num_tokens(self, batch: dict[str, Any]) -> int:
-        """Tokens (patches + text) in a micro-batch, for the tokens/s throughput figure."""
+    def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
+        """Metrics from the statistics summed (maxed, gathered) over every batch of every process."""
         ...
 
 
 TaskFactory = Callable[["RunConfig"], TrainTask]
-
-
-@dataclass(frozen=True)
-class TaskEntry:
-    name: str
-    kind: TaskKind
-    factory: TaskFactory
-    description: str
-
-
-_REGISTRY: dict[str, TaskEntry] = {}
-
-TASK_MODULES: list[str] = [
-    "beit3.tasks.classification",
-    "beit3.tasks.vqav2",
-    "beit3.tasks.nlvr2",
-    "beit3.tasks.retrieval",
-    "beit3.tasks.captioning",
-    "beit3.tasks.segmentation",
-    "beit3.tasks.detection",
-    "beit3.pretraining.task",
-]
-"""Modules imported on first lookup; each calls :func:`register_task` for the tasks it defines.
-Listing them here keeps ``import beit3.training`` from importing every task."""
-
-
-def register_task(name: str, kind: TaskKind, factory: TaskFactory, description: str = "") -> None:
-    """Make ``task.name: <name>`` in a recipe build its task with ``factory(cfg)``."""
-    if name in _REGISTRY and _REGISTRY[name].factory is not factory:
-        raise ValueError(f"task '{name}' is already registered")
-    _REGISTRY[name] = TaskEntry(name=name, kind=kind, factory=factory, description=description)
-
-
-def registered_tasks() -> dict[str, TaskEntry]:
-    for module in TASK_MODULES:
-        importlib.import_module(module)
-    return dict(_REGISTRY)
 
 
 def build_task(cfg: RunConfig, kind: TaskKind | None = None) -> TrainTask:
@@ -111,15 +78,25 @@ def build_task(cfg: RunConfig, kind: TaskKind | None = None) -> TrainTask:
         module_name, _, attr = name.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
     else:
-        tasks = registered_tasks()
-        if name not in tasks:
-            known = ", ".join(sorted(t for t, e in tasks.items() if kind is None or e.kind == kind)) or "none yet"
-            raise KeyError(f"unknown task '{name}'; registered tasks: {known}")
-        entry = tasks[name]
-        if kind is not None and entry.kind != kind:
-            raise ValueError(f"task '{name}' is a {entry.kind} task; use 'beit3 {entry.kind}'")
-        factory = entry.factory
+        factory = get_task(name, kind).task_class
     task = factory(cfg)
-    if not isinstance(task, TrainTask):
-        raise TypeError(f"task '{name}' does not implement the TrainTask protocol")
+    if not isinstance(task, TrainTask) or not isinstance(getattr(task, "spec", None), TaskSpec):
+        raise TypeError(f"task '{name}' does not implement the TrainTask protocol (spec, build_model, "
+                        "build_datasets, train_step, eval_step, compute_metrics)")
     return task
+
+
+def setup_task(task: Any, cfg: RunConfig, dist: DistInfo) -> None:
+    """Run a task's heavy set-up once the process group exists: ``setup(cfg, dist)`` on every
+    process, after the main process has run it alone (so files it writes, such as a trained
+    tokenizer, are made once and then read by the others)."""
+    from beit3.training import distributed as D
+
+    setup = getattr(task, "setup", None)
+    if setup is None:
+        return
+    if dist.is_main:
+        setup(cfg, dist)
+    D.barrier()
+    if not dist.is_main:
+        setup(cfg, dist)
