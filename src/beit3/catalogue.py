@@ -45,8 +45,6 @@ class TaskSpec:
     """The official image pipeline: ``vl`` (squash resize, 0.5 mean/std) or ``imagenet``."""
     randaug: bool = False
     """RandAugment in the official training recipe."""
-    image_pairs: bool = False
-    """Samples hold two images (NLVR2)."""
     index: str | None = None
     """Index file name pattern under ``data.root``: ``{split}`` and ``{prefix}`` (from ``datasets``)."""
     datasets: Mapping[str, str] = field(default_factory=dict)
@@ -168,8 +166,9 @@ def get_task(name: str, kind: TaskKind | None = None) -> TaskSpec:
 
 
 def spec_for_model(cls: type) -> TaskSpec:
-    """The task whose model class is ``cls``."""
-    for spec in iter_tasks():
-        if spec.model_class is cls:
-            return spec
-    raise ValueError(f"no task of the catalogue uses {cls.__name__}")
+    """The task whose model class is ``cls`` (an error when none is, or several are)."""
+    found = [spec for spec in iter_tasks() if spec.model_class is cls]
+    if len(found) != 1:
+        which = ", ".join(s.name for s in found) or "none"
+        raise ValueError(f"{len(found)} tasks of the catalogue use {cls.__name__} ({which}); expected one")
+    return found[0]

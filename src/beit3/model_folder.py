@@ -22,15 +22,19 @@ from beit3.processing.processor import CONFIG_FILENAME as PROCESSOR_CONFIG
 TokenizerInput = Union[str, os.PathLike, Beit3Tokenizer, None]
 
 
-def find_run_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``run.yaml`` training wrote next to a checkpoint (in it, or one or two folders up), as a
-    plain dict; ``{}`` when there is none (a folder written by ``save_pretrained``)."""
+def find_run_file(model_dir: str | os.PathLike) -> Path | None:
+    """The ``run.yaml`` training wrote next to a checkpoint: in it, or one or two folders up."""
     folder = Path(model_dir)
     for candidate in (folder, folder.parent, folder.parent.parent):
-        file = candidate / "run.yaml"
-        if file.is_file():
-            return yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    return {}
+        if (candidate / "run.yaml").is_file():
+            return candidate / "run.yaml"
+    return None
+
+
+def find_run_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """:func:`find_run_file` as a plain dict; ``{}`` when there is none (a ``save_pretrained`` folder)."""
+    file = find_run_file(model_dir)
+    return (yaml.safe_load(file.read_text(encoding="utf-8")) or {}) if file is not None else {}
 
 
 def run_setting(run: dict[str, Any], *keys: str) -> Any:
@@ -50,23 +54,35 @@ def resolve_tokenizer(given: TokenizerInput = None, model_dir: str | os.PathLike
         return given
     if given is not None:
         return Beit3Tokenizer.from_pretrained(given)
+    for candidate in tokenizer_candidates(model_dir, also):
+        try:
+            return Beit3Tokenizer.from_pretrained(candidate)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(
+        f"no tokenizer for {model_dir or 'this model'}: " + (hint or "pass the SentencePiece file or tokenizer folder "
+        "the model was trained with (--tokenizer, or tokenizer= in Python), or save it into the model folder with "
+        "Beit3Tokenizer.save_pretrained"))
+
+
+def tokenizer_candidates(model_dir: str | os.PathLike | None,
+                         also: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
+    """Where a model's tokenizer may be, in the order :func:`resolve_tokenizer` tries them: the
+    folder, its run's ``task.options.tokenizer`` and ``model.pretrained``, then ``also``. Only
+    folders and SentencePiece files count (a checkpoint ``.pth`` holds no tokenizer)."""
     candidates: list[Any] = []
     folder = Path(model_dir) if model_dir is not None else None
     if folder is not None and folder.is_dir():
         run = find_run_config(folder)
         candidates = [folder, run_setting(run, "task", "options", "tokenizer"), run_setting(run, "model", "pretrained")]
     candidates += list(also)
-    for candidate in candidates:
-        # a folder or a SentencePiece file may hold a tokenizer; a checkpoint .pth does not
-        if candidate and Path(candidate).exists() and (Path(candidate).is_dir() or Path(candidate).suffix == ".spm"):
-            try:
-                return Beit3Tokenizer.from_pretrained(candidate)
-            except FileNotFoundError:
-                continue
-    raise FileNotFoundError(
-        f"no tokenizer for {folder or 'this model'}: " + (hint or "pass the SentencePiece file or tokenizer folder "
-        "the model was trained with (--tokenizer, or tokenizer= in Python), or save it into the model folder with "
-        "Beit3Tokenizer.save_pretrained"))
+    return [Path(c) for c in candidates
+            if c and Path(c).exists() and (Path(c).is_dir() or Path(c).suffix == ".spm")]
+
+
+def has_tokenizer(path: Path) -> bool:
+    """A SentencePiece file, or a folder holding a saved tokenizer."""
+    return path.is_file() or (path / "tokenizer_config.json").is_file() or any(path.glob("*.spm"))
 
 
 def load_image_processor(model_dir: Path | None, mode: str, image_size: int) -> Beit3ImageProcessor:

@@ -118,7 +118,7 @@ def test_saved_weights_load_into_every_task_model(tmp_path, layout):
         task_model = cls.from_pretrained(tmp_path, init_head=True, **extra)
         task_state = task_model.beit3.state_dict()
         for key, value in task_state.items():
-            assert torch.equal(value, backbone[key]), (name, key)
+            assert torch.equal(value, backbone[key]), (cls.__name__, key)
         assert task_model.config.attention == config.attention
     bare = Beit3Model.from_pretrained(tmp_path)
     assert all(torch.equal(v, backbone[k]) for k, v in bare.state_dict().items())

@@ -240,7 +240,7 @@ def test_an_interrupted_save_leaves_the_previous_index(tmp_path, model_dir, phot
     save_noise(photos / "late.png", seed=20)
     os.remove(photos / "1.png")
 
-    real_write = search._write_atomic
+    real_write = search.atomic_write
     writes = []
 
     def crash_midway(path, write):
@@ -253,7 +253,7 @@ def test_an_interrupted_save_leaves_the_previous_index(tmp_path, model_dir, phot
             return real_write(path, half)
         return real_write(path, write)
 
-    monkeypatch.setattr(search, "_write_atomic", crash_midway)
+    monkeypatch.setattr(search, "atomic_write", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         ImageIndex(tmp_path / "idx").update(progress=False)
     monkeypatch.undo()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from beit3.catalogue import TaskSpec
 from beit3.training.config import RunConfig
@@ -80,6 +80,7 @@ class ToyDataset(Dataset):
 class ToyTask:
     spec = TaskSpec(name="toy", kind="finetune", description="toy regression", metric="mse", higher_is_better=False,
                     statistics={"squared_error": "sum", "samples": "sum"})
+    collate_fn = staticmethod(default_collate)
 
     def __init__(self, options: dict[str, Any]) -> None:
         known = {"train_size", "val_size", "noise", "sleep", "nan_indices", "dim"}

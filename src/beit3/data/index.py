@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from beit3.io import atomic_write_text
+
 
 class DataError(ValueError):
     """Bad input data (malformed file, nothing to read). A ``ValueError`` so the CLI reports it in one line."""
@@ -66,11 +68,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     rows = list(rows)
     if not rows:
         raise EmptyDatasetError(f"refusing to write {path}: no usable sample")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
 
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from beit3.io import atomic_write
 from beit3.config import Beit3Config
 from beit3.layers import checkpoint_blocks
 from beit3.models.convert import BACKBONE_PREFIX, CheckpointError, infer_config, read_state_dict, to_task_form
@@ -161,8 +160,8 @@ class Beit3PreTrainedModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config_json()))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config_json()))
         return directory
 
     def config_json(self) -> str:
@@ -315,19 +314,6 @@ def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] 
         return state, layout, saved
     state, layout = to_task_form(read_state_dict(path))
     return state, layout, None
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over the target."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_any_model(path: str | Path, **overrides: Any) -> Beit3PreTrainedModel:

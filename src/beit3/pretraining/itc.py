@@ -14,13 +14,13 @@ Options: ``tokenizer`` (else the one saved with ``model.pretrained``), ``pairs``
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from beit3.catalogue import TaskSpec, register_task
 from beit3.pretraining.data import collect_refs
@@ -54,6 +54,8 @@ class ContrastiveTuningTask:
         "(the release's -itc models)", metric="average_score",
         statistics={"image_embeds": "gather", "text_embeds": "gather", "index": "gather"},
     )
+
+    collate_fn = staticmethod(default_collate)
 
     def __init__(self, cfg: Any) -> None:
         from beit3.tasks.common import load_tokenizer

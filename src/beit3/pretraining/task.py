@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from beit3.catalogue import TaskSpec, register_task
 from beit3.pretraining.data import MaskedDataModelingDataset, MaskingOptions, collect_refs
@@ -62,6 +63,8 @@ class MaskedDataModelingTask:
         statistics={"streams": "sum", **{f"{key}_histogram": "sum" for key in ("text_mlm", "pair_mlm", "image_mim",
                                                                               "pair_mim")}},
     )
+
+    collate_fn = staticmethod(default_collate)  # the dataset gives fixed-shape rows for every stream
 
     def __init__(self, cfg: Any) -> None:
         options = dict(cfg.task.options)

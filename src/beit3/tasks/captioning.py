@@ -20,7 +20,7 @@ from torch import nn
 
 from beit3.catalogue import TaskSpec, register_task
 from beit3.data import ImageTextDataset, read_jsonl
-from beit3.data.transforms import mask_caption_tokens
+from beit3.data.transforms import DEFAULT_CAPTIONING_MASK_PROB, mask_caption_tokens
 from beit3.models import Beit3ForCaptioning
 from beit3.processing import Beit3Tokenizer
 from beit3.tasks.common import IndexTask, SampleProcessor, build_task_model, image_transform, index_files, kept, \
@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "dataset": "coco",
     "randaug": True,
     "max_text_len": 32,
-    "mask_prob": 0.6,
+    "mask_prob": DEFAULT_CAPTIONING_MASK_PROB,
     "drop_worst_after": 12000,
     "drop_worst_ratio": 0.2,
     "label_smoothing": 0.1,

@@ -53,17 +53,6 @@ def _task_names() -> str:
     return ", ".join(spec.name for spec in iter_tasks("finetune", having="index"))
 
 
-def _find_run_yaml(checkpoint: Path) -> Path | None:
-    for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (folder / "run.yaml").is_file():
-            return folder / "run.yaml"
-    return None
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file() or any(folder.glob("*.spm"))
-
-
 def load_checkpoint(task: Any, folder: Path):
     """The task's model with the checkpoint's weights (a save_pretrained folder or an engine checkpoint)."""
     return task.spec.model_class.from_pretrained(folder)
@@ -81,6 +70,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from beit3.catalogue import get_task
+    from beit3.model_folder import find_run_file, has_tokenizer, tokenizer_candidates
     from beit3.training import distributed as D
     from beit3.training.config import load_config
     from beit3.training.evaluation import evaluate_batches
@@ -93,7 +83,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not (checkpoint / "model.safetensors").is_file() or not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint folder (model.safetensors + config.json): pass the "
                                 "final/ folder of a `beit3 finetune` run, or convert an official .pth with `beit3 convert`")
-    recipe = args.recipe or _find_run_yaml(checkpoint)
+    recipe = args.recipe or find_run_file(checkpoint)
     overrides = [f"task.name={spec.name}"] + list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -101,12 +91,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         overrides.append(f"task.options.tokenizer={args.tokenizer}")
     cfg = load_config(recipe, overrides)
     if not cfg.task.options.get("tokenizer"):  # the checkpoint's own, else the one it was trained from
-        for folder in (checkpoint, Path(cfg.model.pretrained) if cfg.model.pretrained else None):
-            if folder is not None and folder.is_dir() and _has_tokenizer(folder):
-                cfg.task.options["tokenizer"] = str(folder)
-                break
+        found = [p for p in tokenizer_candidates(checkpoint, [cfg.model.pretrained]) if has_tokenizer(p)]
+        if found:
+            cfg.task.options["tokenizer"] = str(found[0])
     cfg.model.pretrained = None  # the weights come from --checkpoint
 
+    if args.split and not args.index and args.split not in {spec.eval_split, *spec.splits}:
+        raise ValueError(f"task {spec.name} has no split {args.split!r}; its splits: "
+                         f"{', '.join(dict.fromkeys((spec.eval_split, *spec.splits)))} (or pass --index FILE)")
     probe = build_task(cfg, "finetune")
     split = args.split or ("index" if args.index else spec.eval_split)
     index = args.index or probe.split_index(split)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from beit3.catalogue import TaskSpec
 from beit3.config import Beit3Config
@@ -177,6 +177,8 @@ class IndexTask:
     spec: TaskSpec
     defaults: Mapping[str, Any]
     raw_dataset: Callable[..., Dataset]
+    collate_fn = staticmethod(default_collate)
+    """Rows of fixed-shape tensors (see :class:`SampleProcessor`) stack as they are."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from beit3.catalogue import TaskSpec, register_task
 from beit3.data.dense import CocoInstanceDataset, unpad_targets
@@ -90,6 +90,8 @@ class DetectionTask:
         statistics={"records": "gather", "image_ids": "gather"}, verb="detection",
         predict="beit3.tasks.predict_dense:add_dense",
     )
+
+    collate_fn = staticmethod(default_collate)  # the datasets pad every sample to fixed shapes
 
     def __init__(self, cfg: RunConfig) -> None:
         self.options = parse_options(self.spec.name, cfg.task.options, DEFAULTS)

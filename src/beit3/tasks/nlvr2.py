@@ -24,7 +24,7 @@ class NLVR2Task(VisionLanguageTask):
     spec = TaskSpec(
         name="nlvr2", kind="finetune", aliases=("visual-reasoning",),
         description="NLVR2 statement about an image pair: cross-entropy, accuracy",
-        model_class=Beit3ForVisualReasoning, head_keys=("head.dense1.weight",), image_mode="vl", image_pairs=True,
+        model_class=Beit3ForVisualReasoning, head_keys=("head.dense1.weight",), image_mode="vl",
         index="nlvr2.{split}.index.jsonl", eval_split="dev", splits=("dev", "test-P"), metric="accuracy",
         statistics={"correct": "sum", "samples": "sum"}, pipeline="beit3.pipelines:VisualReasoningPipeline",
         verb="nlvr2",

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from tqdm import tqdm
 from beit3.models import Beit3ForImageTextRetrieval
 from beit3.models.base import CONFIG_NAME, WEIGHTS_NAME
 from beit3.catalogue import spec_for_model
+from beit3.io import atomic_write
 from beit3.model_folder import load_image_processor, resolve_tokenizer, text_length
 from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.processing.image import CONFIG_FILENAME as IMAGE_PROCESSOR_CONFIG
@@ -135,8 +136,8 @@ class RetrievalEncoder:
         device: where the model runs; embeddings always come back as float32 on the CPU.
         identity: the model's :func:`fingerprint_model`, when the caller already computed it.
 
-    Images go through the folder's ``preprocessor_config.json`` when it has one (forced to the
-    deterministic eval pipeline), else the official retrieval eval pipeline at the model's size.
+    Images go through the folder's ``preprocessor_config.json`` (a deterministic pipeline) when it
+    has one, else the official retrieval eval pipeline at the model's size.
     """
 
     def __init__(self, model: str | Path, *, tokenizer: str | Path | None = None,
@@ -453,9 +454,9 @@ class ImageIndex:
         embeddings_name = f"embeddings.{generation}.safetensors"
         manifest_name = f"manifest.{generation}.jsonl"
         embeddings = embeddings.contiguous()
-        _write_atomic(self.directory / embeddings_name,
+        atomic_write(self.directory / embeddings_name,
                       lambda tmp: save_file({"embeddings": embeddings}, tmp))
-        _write_atomic(self.directory / manifest_name,
+        atomic_write(self.directory / manifest_name,
                       lambda tmp: Path(tmp).write_text("".join(json.dumps(asdict(r)) + "\n" for r in records)))
         tokenizer = self._tokenizer_path or self.recorded_tokenizer
         meta = {
@@ -471,7 +472,7 @@ class ImageIndex:
             "manifest": manifest_name,
             "skipped": [{**asdict(s.record), "reason": s.reason} for s in skipped.values()],
         }
-        _write_atomic(self.directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(self.directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
         # index.json now names this generation; older ones (and leftovers of a crashed save) go.
         for pattern in ("embeddings.*.safetensors", "manifest.*.jsonl"):
             for old in self.directory.glob(pattern):
@@ -479,19 +480,6 @@ class ImageIndex:
                     old.unlink(missing_ok=True)
         self.generation, self.records, self.embeddings = generation, records, embeddings
         self.roots, self.skipped, self.recorded_tokenizer = roots, skipped, tokenizer
-
-
-def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(temporary_path)``, flush it to disk, then rename over ``path``: readers see the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _report(line: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from beit3.catalogue import TaskSpec, register_task
 from beit3.data.dense import SemanticSegmentationDataset
@@ -41,6 +41,8 @@ class SemanticSegmentationTask:
         metric="mIoU", statistics={"confusion": "sum"}, verb="segmentation",
         predict="beit3.tasks.predict_dense:add_dense",
     )
+
+    collate_fn = staticmethod(default_collate)  # the datasets pad every sample to fixed shapes
 
     def __init__(self, cfg: RunConfig) -> None:
         self.options = parse_options(self.spec.name, cfg.task.options, DEFAULTS)

@@ -27,7 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from safetensors.torch import load_file, save_file
+
+from beit3.io import atomic_write_text, fsync_dir, fsync_file
 
 logger = logging.getLogger("beit3.training")
 
@@ -41,20 +44,6 @@ BEST_FILE = "best.json"
 
 def checkpoint_path(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def _sha256(path: Path) -> str:
@@ -77,14 +66,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         seen.add(key)
         plain[name] = tensor
     save_file(plain, str(path), metadata={"format": "pt"})
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -111,11 +92,11 @@ def save_checkpoint(
         (tmp / name).write_text(text)
     files = {}
     for path in sorted(tmp.iterdir()):
-        _fsync_file(path)
+        fsync_file(path)
         files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
     if final.exists():
         # Same step saved twice (e.g. the last periodic save and the end of training): swap the
         # old folder out first so there is never a moment without a complete copy on disk.
@@ -125,7 +106,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 

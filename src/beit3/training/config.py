@@ -25,7 +25,7 @@ class TaskSection:
     """Which task trains, and its own settings (validated by the task, not here)."""
 
     name: str = ""
-    """Registered task name (``vqav2``, ``imagenet``, ...) or ``package.module:factory``."""
+    """Registered task name (``vqav2``, ``classification``, ...: a name or alias of the task catalogue) or ``package.module:factory``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task-specific settings: loss options, augmentation, text length, number of classes."""
 

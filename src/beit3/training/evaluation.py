@@ -26,8 +26,9 @@ def accumulate(totals: dict[str, Any], part: Mapping[str, Any], statistics: Mapp
                            f"(declared: {', '.join(sorted(statistics)) or 'none'})")
         if how == "gather":
             totals.setdefault(key, []).extend(value)
-        elif key not in totals:
-            totals[key] = torch.as_tensor(value).detach().clone()
+        elif key not in totals:  # sums and maxima are kept in 64 bits, whatever a batch gives
+            value = torch.as_tensor(value).detach()
+            totals[key] = value.double() if value.is_floating_point() else value.long()
         elif how == "sum":
             totals[key] += value
         else:

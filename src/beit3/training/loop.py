@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader
 
+from beit3.io import atomic_write
 from beit3.training import checkpoint as ckpt
 from beit3.training import distributed as D
 from beit3.training.config import RunConfig
@@ -498,6 +499,4 @@ class Trainer:
         source = ckpt.EMA_FILE if (newest / ckpt.EMA_FILE).is_file() else ckpt.MODEL_FILE
         for name, target in ((source, ckpt.MODEL_FILE), ("config.json", "config.json")):
             if (newest / name).is_file():
-                tmp = final / f"{target}.tmp"
-                shutil.copyfile(newest / name, tmp)
-                tmp.replace(final / target)
+                atomic_write(final / target, lambda tmp, name=name: shutil.copyfile(newest / name, tmp))

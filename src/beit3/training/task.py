@@ -31,13 +31,15 @@ class TrainTask(Protocol):
 
     The model handed to ``train_step`` and ``eval_step`` may be wrapped (DDP) or sharded (FSDP2);
     call it, do not reach into its attributes. Optional methods the engine calls when present:
-    ``setup(cfg, dist, main_first)`` (heavy set-up after the process group exists, see
-    :meth:`beit3.training.loop.Trainer._setup`) and ``collate_fn`` (a batching function; the
-    default collate otherwise).
+    ``setup(cfg, dist)`` (heavy set-up after the process group exists, see
+    :meth:`beit3.training.loop.Trainer._setup`) and ``num_tokens(batch)`` (the engine counts
+    patches and text tokens otherwise).
     """
 
     spec: TaskSpec
     """The task's declaration: ``metric``, ``higher_is_better`` and ``statistics`` are read from it."""
+    collate_fn: Callable[[list], dict[str, Any]]
+    """Batches a list of dataset samples (training and evaluation; the engine adds ``is_padding``)."""
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         """The task model, on CPU in float32, following the optimizer protocol:
