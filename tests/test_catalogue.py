@@ -104,6 +104,10 @@ def test_predict_verbs_are_the_catalogue_verbs():
         assert get_task(args.task_name) is spec
 
 
+def test_every_index_task_declares_the_baseline_the_demo_prints():
+    assert all(spec.baseline is not None for spec in iter_tasks("finetune", having="index"))
+
+
 def test_evaluate_splits_are_the_spec_index_files(tmp_path):
     from beit3.training.task import build_task
 

@@ -59,6 +59,9 @@ class TaskSpec:
     higher_is_better: bool = True
     statistics: Mapping[str, Reduction] = field(default_factory=dict)
     """What the task's ``eval_step`` returns per batch, and how the engine reduces each."""
+    baseline: Callable[..., dict[str, Any]] | None = None
+    """``baseline(spec, index_root) -> {"name", "value"}``: what a model that ignores the image
+    scores on the eval split, computed from the index files (the demo prints it beside the task)."""
     evaluate_hook: Callable[..., dict[str, Any]] | None = None
     """``hook(task, stats, context) -> extra`` after ``beit3 evaluate`` (submission files,
     predictions to save, optional toolkits); see :mod:`beit3.tasks.commands`."""

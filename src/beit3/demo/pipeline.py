@@ -12,7 +12,6 @@ import math
 import shutil
 import sys
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,61 +195,12 @@ def collect_results(out: Path, plan: DemoPlan) -> dict[str, Any]:
 
 
 def baseline(task: str, index: Path) -> dict[str, Any]:
-    """What a model that does not look at the image scores, computed from the data.
-
-    classification: the most frequent training class; NLVR2: always the majority label;
-    retrieval: a random ranking; VQA: the most frequent training answer of the question's first
-    three words (the "question-only prior" of the VQA literature); captioning: each image gets a
-    reference caption of the next image, a fluent sentence of the right kind that does not
-    describe it (CIDEr averaged over the five reference slots).
-    """
-    def rows(name: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (index / name).read_text().splitlines() if line.strip()]
-
+    """What a model that does not look at the image scores, computed from the data: the task's
+    own ``baseline`` (see the catalogue); none for a task without one."""
     from beit3.catalogue import get_task
 
     spec = get_task(task)
-    if spec.name == "classification":
-        train, val = rows(spec.index_file("train")), rows(spec.index_file(spec.eval_split))
-        top = Counter(r["label"] for r in train).most_common(1)[0][0]
-        return {"name": "most frequent class", "value": 100 * sum(r["label"] == top for r in val) / len(val)}
-    if spec.name == "nlvr2":
-        train, val = rows(spec.index_file("train")), rows(spec.index_file(spec.eval_split))
-        top = Counter(r["label"] for r in train).most_common(1)[0][0]
-        return {"name": "majority label", "value": 100 * sum(r["label"] == top for r in val) / len(val)}
-    if spec.name == "retrieval":
-        val = rows(spec.index_file(spec.eval_split))
-        # A text's one image is in the top k of N images with probability k/N; an image's five
-        # texts among 5N give about the same for each direction.
-        images = len({r["image_id"] for r in val})
-        return {"name": "random ranking", "value": 100 * sum(min(1.0, k / images) for k in (1, 5, 10)) / 3}
-    if spec.name == "vqav2":
-        # the model's own training and validation questions
-        train, val = [r for name in spec.train_index() for r in rows(name)], rows(spec.index_file(spec.eval_split))
-        by_type: dict[str, Counter] = defaultdict(Counter)
-        for r in train:
-            for label, score in zip(r["labels"], r["scores"]):
-                by_type[_question_type(r["text"])][label] += score
-        score = 0.0
-        for r in val:
-            counts = by_type.get(_question_type(r["text"]))
-            guess = counts.most_common(1)[0][0] if counts else None
-            score += dict(zip(r["labels"], r["scores"])).get(guess, 0.0)
-        return {"name": "question-only prior", "value": 100 * score / len(val)}
-    if spec.name == "captioning":
-        from beit3.tasks.captioning import simple_tokenize
-        from beit3.tasks.metrics import cider_d
-
-        refs = {r["image_id"]: [simple_tokenize(t) for t in r["references"]] for r in rows(spec.index_file(spec.eval_split))}
-        ids = list(refs)
-        slots = range(min(len(v) for v in refs.values()))
-        scores = [cider_d({k: refs[ids[(i + 1) % len(ids)]][j] for i, k in enumerate(ids)}, refs)[0] for j in slots]
-        return {"name": "another image's caption", "value": sum(scores) / len(scores)}
-    return {"name": "none", "value": math.nan}
-
-
-def _question_type(text: str) -> str:
-    return " ".join(text.lower().split()[:3])
+    return spec.baseline(spec, index) if spec.baseline is not None else {"name": "none", "value": math.nan}
 
 
 def print_table(results: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +24,8 @@ from beit3.data import ImageTextDataset, read_jsonl
 from beit3.data.transforms import DEFAULT_CAPTIONING_MASK_PROB, mask_caption_tokens
 from beit3.models import Beit3ForCaptioning
 from beit3.processing import Beit3Tokenizer
-from beit3.tasks.common import IndexTask, SampleProcessor, build_task_model, image_transform, index_files, kept, \
-    load_tokenizer, unwrap
+from beit3.tasks.common import IndexTask, SampleProcessor, build_task_model, image_transform, index_files, \
+    index_rows, kept, load_tokenizer, unwrap
 from beit3.tasks.metrics import cider_d, coco_caption_scores
 from beit3.training.config import RunConfig
 
@@ -64,6 +65,18 @@ class CaptionMasking:
                 "labels": text["input_ids"]}
 
 
+def another_images_caption(spec: TaskSpec, index_root: Path) -> dict[str, Any]:
+    """A blind captioner as a baseline: each eval image gets a reference caption of the next
+    image, a fluent sentence of the right kind that does not describe it (CIDEr averaged over the
+    reference slots)."""
+    rows = index_rows(index_root, spec.index_file(spec.eval_split))
+    refs = {r["image_id"]: [simple_tokenize(t) for t in r["references"]] for r in rows}
+    ids = list(refs)
+    slots = range(min(len(v) for v in refs.values()))
+    scores = [cider_d({k: refs[ids[(i + 1) % len(ids)]][j] for i, k in enumerate(ids)}, refs)[0] for j in slots]
+    return {"name": "another image's caption", "value": sum(scores) / len(scores)}
+
+
 def evaluation_outputs(task: "CaptioningTask", stats: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
     """``beit3 evaluate``: the captions themselves, and the COCO toolkit's scores when asked."""
     captions = dict(stats["captions"])
@@ -83,7 +96,7 @@ class CaptioningTask(IndexTask):
         model_class=Beit3ForCaptioning, head_keys=("mlm_head.weight",), image_mode="vl", randaug=True,
         index="{prefix}.{split}.jsonl", datasets={"coco": "coco_captioning", "nocaps": "nocaps"},
         eval_split="val", splits=("val", "test"), metric="cider", statistics={"captions": "gather"},
-        evaluate_hook=evaluation_outputs, pipeline="beit3.pipelines:CaptioningPipeline", verb="caption",
+        baseline=another_images_caption, evaluate_hook=evaluation_outputs, pipeline="beit3.pipelines:CaptioningPipeline", verb="caption",
         predict="beit3.tasks.predict:add_caption",
     )
     defaults = DEFAULTS

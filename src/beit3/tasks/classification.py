@@ -8,6 +8,7 @@ Metric: top-1 / top-5 accuracy in %; the best checkpoint is chosen on top-1.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import nn
 from beit3.catalogue import TaskSpec, register_task
 from beit3.data import ImageClassificationDataset
 from beit3.models import Beit3ForImageClassification
-from beit3.tasks.common import IndexTask, SampleProcessor, image_transform, kept
+from beit3.tasks.common import IndexTask, SampleProcessor, image_transform, kept, majority_baseline
 from beit3.tasks.metrics import topk_hits
 from beit3.training.config import RunConfig
 
@@ -68,7 +69,7 @@ class ImageClassificationTask(IndexTask):
         description="image classification (ImageNet-1k, class folders): top-1/top-5",
         model_class=Beit3ForImageClassification, head_keys=("fc_norm.weight", "head.weight"),
         image_mode="imagenet", randaug=True, index="imagenet.{split}.index.jsonl", eval_split="val",
-        splits=("val",), metric="acc1", statistics={"correct": "sum", "samples": "sum"},
+        splits=("val",), baseline=partial(majority_baseline, name="most frequent class"), metric="acc1", statistics={"correct": "sum", "samples": "sum"},
         pipeline="beit3.pipelines:ClassificationPipeline", verb="classify",
         predict="beit3.tasks.predict:add_classify",
     )

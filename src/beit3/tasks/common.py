@@ -9,6 +9,8 @@ deterministic :class:`~beit3.processing.Beit3ImageProcessor`.
 from __future__ import annotations
 
 import difflib
+import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,18 @@ class SampleProcessor:
             if key in sample:
                 row[key] = torch.tensor(sample[key], dtype=torch.long)
         return row
+
+
+def index_rows(index_root: Path, name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (index_root / name).read_text().splitlines() if line.strip()]
+
+
+def majority_baseline(spec: TaskSpec, index_root: Path, name: str = "majority label") -> dict[str, Any]:
+    """The most frequent training label, scored on the eval split (% of rows), as a baseline."""
+    train = index_rows(index_root, spec.index_file("train"))
+    val = index_rows(index_root, spec.index_file(spec.eval_split))
+    top = Counter(r["label"] for r in train).most_common(1)[0][0]
+    return {"name": name, "value": 100 * sum(r["label"] == top for r in val) / len(val)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 from beit3.catalogue import TaskSpec, register_task
 from beit3.data import NLVR2Dataset
 from beit3.models import Beit3ForVisualReasoning
-from beit3.tasks.common import VisionLanguageTask, kept, model_inputs
+from beit3.tasks.common import VisionLanguageTask, kept, majority_baseline, model_inputs
 
 DEFAULTS: dict[str, Any] = {"randaug": False, "max_text_len": 64, "head_init_scale": 0.001}
 
@@ -26,6 +26,7 @@ class NLVR2Task(VisionLanguageTask):
         description="NLVR2 statement about an image pair: cross-entropy, accuracy",
         model_class=Beit3ForVisualReasoning, head_keys=("head.dense1.weight",), image_mode="vl",
         index="nlvr2.{split}.index.jsonl", eval_split="dev", splits=("dev", "test-P"), metric="accuracy",
+        baseline=majority_baseline,
         statistics={"correct": "sum", "samples": "sum"}, pipeline="beit3.pipelines:VisualReasoningPipeline",
         verb="nlvr2",
         predict="beit3.tasks.predict:add_nlvr2",

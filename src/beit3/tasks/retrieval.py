@@ -15,6 +15,7 @@ depend on the number of processes.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +24,19 @@ from torch import nn
 from beit3.catalogue import TaskSpec, register_task
 from beit3.data import ImageTextDataset
 from beit3.models import Beit3ForImageTextRetrieval
-from beit3.tasks.common import VisionLanguageTask, kept, model_inputs
+from beit3.tasks.common import VisionLanguageTask, index_rows, kept, model_inputs
 from beit3.tasks.metrics import retrieval_recall
 from beit3.training.contrastive import distributed_contrastive_loss, scale_from_logits
 
 DEFAULTS: dict[str, Any] = {"dataset": "coco", "max_text_len": 64, "randaug": False}
 EMBEDDINGS = ("image_embeds", "text_embeds", "image_id", "index")
+
+
+def random_ranking(spec: TaskSpec, index_root: Path) -> dict[str, Any]:
+    """Mean R@1/5/10 of a random ranking of the eval split's images. A text's one image is in the
+    top k of N images with probability k/N; an image's five texts among 5N give about the same."""
+    images = len({r["image_id"] for r in index_rows(index_root, spec.index_file(spec.eval_split))})
+    return {"name": "random ranking", "value": 100 * sum(min(1.0, k / images) for k in (1, 5, 10)) / 3}
 
 
 @register_task
@@ -38,7 +46,7 @@ class RetrievalTask(VisionLanguageTask):
         description="image-text retrieval (COCO, Flickr30k): contrastive, R@1/5/10",
         model_class=Beit3ForImageTextRetrieval, head_keys=("vision_head.weight", "language_head.weight"),
         image_mode="vl", index="{prefix}.{split}.jsonl", datasets={"coco": "coco_retrieval", "flickr30k": "flickr30k"},
-        eval_split="val", splits=("val", "test"), metric="average_score",
+        eval_split="val", splits=("val", "test"), metric="average_score", baseline=random_ranking,
         statistics={key: "gather" for key in EMBEDDINGS}, pipeline="beit3.pipelines:ZeroShotPipeline",
         verb="zero-shot",
         predict="beit3.tasks.predict:add_zero_shot",

@@ -21,6 +21,7 @@ with :func:`beit3.tasks.metrics.write_vqa_submission` (``beit3 evaluate --task v
 """
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +34,7 @@ from beit3.catalogue import TaskSpec, register_task
 from beit3.data import VQADataset, read_jsonl
 from beit3.data.builders import read_answer2label
 from beit3.models import Beit3ForVisualQuestionAnswering
-from beit3.tasks.common import VisionLanguageTask, index_files, kept, model_inputs
+from beit3.tasks.common import VisionLanguageTask, index_files, index_rows, kept, model_inputs
 from beit3.tasks.metrics import vqa_accuracy, write_vqa_submission
 from beit3.training.config import RunConfig
 from beit3.training.logging import logger
@@ -46,6 +47,26 @@ DEFAULTS: dict[str, Any] = {
 }
 ANSWER_TYPES = {"yes/no": "yes_no", "number": "number", "other": "other"}
 """The official evaluation's answer types and the suffix of their metric key."""
+
+
+def question_only_prior(spec: TaskSpec, index_root: Path) -> dict[str, Any]:
+    """The "question-only prior" of the VQA literature, as a baseline: each eval question gets the
+    training answer with the highest summed soft score among questions of the same first three
+    words (from the task's own training and validation splits)."""
+    def question_type(text: str) -> str:
+        return " ".join(text.lower().split()[:3])
+
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for r in (r for name in spec.train_index() for r in index_rows(index_root, name)):
+        for label, score in zip(r["labels"], r["scores"]):
+            by_type[question_type(r["text"])][label] += score
+    val = index_rows(index_root, spec.index_file(spec.eval_split))
+    score = 0.0
+    for r in val:
+        counts = by_type.get(question_type(r["text"]))
+        guess = counts.most_common(1)[0][0] if counts else None
+        score += dict(zip(r["labels"], r["scores"])).get(guess, 0.0)
+    return {"name": "question-only prior", "value": 100 * score / len(val)}
 
 
 def write_submission(task: "VQATask", stats: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,7 +88,7 @@ class VQATask(VisionLanguageTask):
         image_mode="vl", randaug=True, index="vqa.{split}.jsonl", train_splits=("train", "trainable_val"),
         eval_split="rest_val", splits=("rest_val", "val", "test-dev", "test"), metric="vqa_score",
         statistics={"soft_score": "sum", "questions": "sum", "predictions": "gather"},
-        evaluate_hook=write_submission, pipeline="beit3.pipelines:VQAPipeline", verb="vqa",
+        baseline=question_only_prior, evaluate_hook=write_submission, pipeline="beit3.pipelines:VQAPipeline", verb="vqa",
         predict="beit3.tasks.predict:add_vqa",
     )
     defaults = DEFAULTS
