@@ -77,3 +77,35 @@ def test_examples_are_valid_command_lines(command):
                 parser.parse_args(words)
         except SystemExit:
             pytest.fail(f"example `beit3 {shlex.join(words)}` does not parse: {errors.getvalue().strip()}")
+
+
+def test_overview_imports_no_command_module_nor_torch():
+    """`beit3 --help` is built from the command table alone (it took ~5.5 s importing everything)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from beit3.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in sys.modules if m == 'torch' or m.endswith('.commands') or m == 'beit3.catalogue')\n"
+            "print(repr(heavy)); print(out.getvalue())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    heavy, _, text = result.stdout.partition("\n")
+    assert heavy == "[]"
+    from beit3.cli import COMMANDS
+
+    assert all(name in text for name in COMMANDS)
+
+
+def test_every_command_of_the_table_is_registered_by_its_module_with_its_summary():
+    from beit3.cli import COMMANDS, build_parser, summary
+
+    for name in COMMANDS:
+        parser = build_parser(name)
+        (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        assert name in action.choices, f"{COMMANDS[name][0]} does not register '{name}'"
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        assert helps[name] == summary(name)
+    assert set(command_parsers()) >= set(COMMANDS)

@@ -1,8 +1,8 @@
 """The `beit3` command line: one entry point, one sub-command module per area.
 
-Each module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
-sub-commands and sets ``func`` on each parser. Modules are imported only here, so importing
-``beit3.models`` never pulls in training or data code.
+Each module named in ``COMMANDS`` exposes ``register(subparsers)``, which adds its commands and
+sets ``func`` on each parser. A module is imported only when its command runs (``beit3 --help``
+imports none), so importing ``beit3.models`` never pulls in training or data code.
 """
 from __future__ import annotations
 
@@ -10,35 +10,60 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = [
-    "beit3.models.commands",
-    "beit3.data.commands",
-    "beit3.demo",
-    "beit3.processing.commands",
-    "beit3.training.commands",
-    "beit3.pretraining.commands",
-    "beit3.tasks.predict",
-    "beit3.tasks.search",
-    "beit3.tasks.commands",
-]
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("beit3.demo", "the default job: synthetic data -> tokenizers -> pretraining -> 5 tasks, pretrained vs scratch"),
+    "convert": ("beit3.models.commands", "convert an official unilm .pth (or timm) checkpoint into a beit3 model directory"),
+    "data": ("beit3.data.commands", "synthetic world and dataset index builders"),
+    "tokenizer": ("beit3.processing.commands", "train or extend a SentencePiece tokenizer"),
+    "pretrain": ("beit3.training.commands", "Pretrain a BEiT-3 model with masked data modeling"),
+    "finetune": ("beit3.training.commands", "Fine-tune a BEiT-3 model on a downstream task"),
+    "visual-tokenizer": ("beit3.pretraining.commands", "train a VQ-KD visual tokenizer and report its codebook usage"),
+    "predict": ("beit3.tasks.predict", "run a fine-tuned model on your images (a sub-command per task: caption, vqa, ...)"),
+    "search": ("beit3.tasks.search", "index folders of images with a retrieval model and search them by text or image"),
+    "evaluate": ("beit3.tasks.commands", "score a fine-tuned checkpoint on a split (JSON + table)"),
+}
+"""Each command: the module whose ``register(subparsers)`` adds it, and its one-line summary.
+The overview (``beit3 --help``) is built from this table alone, without importing any module."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def summary(command: str) -> str:
+    """The one-line help of a command (the modules use it, so it is written once, here)."""
+    return COMMANDS[command][1]
+
+
+def _root() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="beit3",
         description="BEiT-3: pretraining, fine-tuning, evaluation and inference.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'beit3 <command> --help' for the options and examples of each command.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
-    for name in COMMAND_MODULES:
+    return parser, parser.add_subparsers(dest="command", metavar="<command>")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree, or only the commands of ``command``'s module (what ``main`` runs)."""
+    parser, subparsers = _root()
+    modules = [COMMANDS[command][0]] if command in COMMANDS else list(dict.fromkeys(m for m, _ in COMMANDS.values()))
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def overview_parser() -> argparse.ArgumentParser:
+    """The root parser with every command named and summarised, nothing imported."""
+    parser, subparsers = _root()
+    for name, (_, text) in COMMANDS.items():
+        subparsers.add_parser(name, help=text)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    # Only the named command's module is imported; without one, the overview needs none.
+    parser = build_parser(command) if command in COMMANDS else overview_parser()
+    args = parser.parse_args(words)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

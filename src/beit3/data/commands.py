@@ -79,7 +79,9 @@ def _build(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``beit3 data synthetic`` and ``beit3 data build``."""
-    data = subparsers.add_parser("data", help="synthetic world and dataset index builders",
+    from beit3.cli import summary
+
+    data = subparsers.add_parser("data", help=summary("data"),
                                  description="Prepare data: generate the synthetic world or build task indexes.",
                                  epilog=DATA_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = data.add_subparsers(dest="action", metavar="<action>")

@@ -25,9 +25,11 @@ text queries and their top images).
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     parser = subparsers.add_parser(
         "demo",
-        help="the default job: synthetic data -> tokenizers -> pretraining -> 5 tasks, pretrained vs scratch",
+        help=summary("demo"),
         description="Run BEiT-3 end to end on the built-in synthetic world, with no download: generate "
                     "the data, train the text tokenizer and the VQ-KD visual tokenizer, pretrain a tiny "
                     "BEiT-3 by masked data modeling, fine-tune and evaluate it on image classification, "

@@ -17,9 +17,11 @@ model.pretrained and `beit3 evaluate --checkpoint` take. Formats read: docs/mode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     parser = subparsers.add_parser(
         "convert",
-        help="convert an official unilm .pth (or timm) checkpoint into a beit3 model directory",
+        help=summary("convert"),
         description="Read an official BEiT-3 checkpoint (or timm's vision-only weights), check that every "
         "tensor fits, and write config.json + model.safetensors. The task is detected from the head keys "
         "unless --task is given.",

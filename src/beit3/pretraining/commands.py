@@ -151,8 +151,10 @@ and num_patches. A healthy tokenizer uses most of its codebook.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     parser = subparsers.add_parser(
-        "visual-tokenizer", help="train a VQ-KD visual tokenizer and report its codebook usage",
+        "visual-tokenizer", help=summary("visual-tokenizer"),
         description="VQ-KD (BEiT v2) visual tokenizer for masked image modeling targets. See docs/pretraining.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"

@@ -40,8 +40,10 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     parser = subparsers.add_parser(
-        "tokenizer", help="train or extend a SentencePiece tokenizer",
+        "tokenizer", help=summary("tokenizer"),
         description="Train a BEiT-3 tokenizer (XLM-R id layout) or extend one with new pieces.",
         epilog=TOKENIZER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

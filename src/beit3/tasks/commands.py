@@ -24,9 +24,11 @@ per answer type); see docs/tasks.md.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     parser = subparsers.add_parser(
         "evaluate",
-        help="score a fine-tuned checkpoint on a split (JSON + table)",
+        help=summary("evaluate"),
         description="Evaluate a checkpoint with the task's metric on one split, over every process of a "
         "torchrun launch, and write the result as JSON.",
         epilog=_EPILOG,

@@ -54,11 +54,12 @@ def _add_kind(kinds: argparse._SubParsersAction, spec: Any, help_text: str, desc
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     from beit3.catalogue import iter_tasks
 
     parser = subparsers.add_parser(
-        "predict", help="run a fine-tuned model on your images: " + ", ".join(
-            spec.verb for spec in iter_tasks("finetune", having="predict")),
+        "predict", help=summary("predict"),
         description="Run a fine-tuned model folder on image files and folders, and print, or write as JSON or "
         "CSV, what it predicts.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = parser.add_subparsers(dest="kind", metavar="<kind>", required=True)

@@ -551,8 +551,10 @@ QUERY_EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beit3.cli import summary
+
     search = subparsers.add_parser(
-        "search", help="index folders of images with a retrieval model and search them by text or image",
+        "search", help=summary("search"),
         description="Embed folders of images once with an image-text retrieval model (index), then find the "
         "images closest to a text or an image (query).",
         epilog="examples:\n  beit3 search index --model runs/coco_retrieval/final --index photos.index ~/Pictures\n"

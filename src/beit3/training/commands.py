@@ -60,8 +60,10 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, help_tex
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    _add_parser(subparsers, "pretrain", "Pretrain a BEiT-3 model with masked data modeling")
-    _add_parser(subparsers, "finetune", "Fine-tune a BEiT-3 model on a downstream task")
+    from beit3.cli import summary
+
+    _add_parser(subparsers, "pretrain", summary("pretrain"))
+    _add_parser(subparsers, "finetune", summary("finetune"))
 
 
 def run(args: argparse.Namespace, kind: TaskKind) -> int:
