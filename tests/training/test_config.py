@@ -119,3 +119,21 @@ def test_recipe_values_match_the_official_table():
     assert (inet.data.batch_size, inet.optim.lr, inet.optim.layer_decay, inet.model.drop_path_rate) == (1024, 2e-4, 0.8, 0.25)
     ret = load_config(CONFIGS / "coco_retrieval_large_384.yaml")
     assert (ret.data.batch_size, ret.optim.lr, ret.schedule.epochs, ret.schedule.warmup_epochs) == (3072, 5e-5, 15, 3.0)
+
+
+def test_a_recipe_with_a_yaml_error_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  preset: tiny\noptim:\n  lr: [1e-4\n")
+    with pytest.raises(ValueError) as err:
+        load_config(recipe)
+    message = str(err.value)
+    assert str(recipe) in message and "not valid YAML" in message and "line " in message
+    assert len(message.splitlines()) == 1
+    recipe.write_text("- a list\n")
+    with pytest.raises(ValueError, match="must be a mapping of sections"):
+        load_config(recipe)
+
+
+def test_an_override_with_a_yaml_error_names_the_override():
+    with pytest.raises(ValueError, match=r"override 'optim.lr=\[1': the value is not valid YAML"):
+        load_config(None, ["optim.lr=[1"])

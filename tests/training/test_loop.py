@@ -126,3 +126,13 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
     args = parser.parse_args(["finetune", "--recipe", str(TINY), "--task", "no_such_task"])
     with pytest.raises(KeyError, match="unknown task 'no_such_task'"):
         args.func(args)
+
+
+def test_warmup_longer_than_the_run_is_capped_at_its_length(tmp_path, caplog):
+    cfg = load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", "schedule.max_steps=3",
+                             "schedule.warmup_steps=null", "schedule.warmup_epochs=50"])
+    trainer = Trainer(cfg, build_task(cfg))
+    with caplog.at_level("WARNING", logger="beit3.training"):
+        trainer._setup()
+    assert trainer.schedule.warmup_steps == trainer.total_steps == 3
+    assert "longer than the run" in caplog.text

@@ -300,8 +300,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = dotted.strip().split(".")
     if len(path) < 2 or not all(path):
         raise ValueError(f"override '{text}' must name a section and a key, e.g. optim.lr=1e-4")
-    value = yaml.safe_load(literal) if literal.strip() else ""
+    try:
+        value = yaml.safe_load(literal) if literal.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override '{text}': the value is not valid YAML ({_yaml_problem(err)}); quote it, "
+                         "e.g. key='\"a: b\"'") from None
     return path, value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (line and column counted from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -332,5 +343,11 @@ def load_config(recipe: str | Path | None, overrides: list[str] = ()) -> RunConf
         path = Path(recipe)
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"recipe {path} must be a mapping of sections (model:, task:, ...), "
+                             f"not a {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, list(overrides)))

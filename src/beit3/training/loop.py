@@ -116,6 +116,12 @@ class Trainer:
         warmup = cfg.schedule.warmup_steps
         if warmup is None:
             warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        if warmup > self.total_steps:
+            # e.g. schedule.max_steps=40 with the recipe's warmup of a whole epoch: the run would never
+            # leave the warmup ramp (nor reach the peak learning rate)
+            logger.warning("warmup of %d steps is longer than the run (%d steps): warming up over the whole run "
+                           "instead; set schedule.warmup_steps to choose", warmup, self.total_steps)
+            warmup = self.total_steps
 
         self.autocast_dtype = _DTYPES[cfg.train.precision]
         blocks = D.find_blocks(model, cfg.parallel.block_lists)
