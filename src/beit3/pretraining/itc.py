@@ -118,7 +118,3 @@ class ContrastiveTuningTask:
 
         image_embeds, text_embeds, index = (torch.cat(stats[key]) for key in ("image_embeds", "text_embeds", "index"))
         return retrieval_recall(image_embeds, index, text_embeds, index)
-
-
-def make_task(cfg: Any) -> ContrastiveTuningTask:
-    return ContrastiveTuningTask(cfg)

@@ -294,8 +294,4 @@ def _glob(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else ([pattern] if Path(pattern).exists() else [])
 
 
-def make_task(cfg: Any) -> MaskedDataModelingTask:
-    return MaskedDataModelingTask(cfg)
-
-
 from beit3.pretraining import itc  # noqa: E402,F401  (registers the itc task)

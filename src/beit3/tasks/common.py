@@ -9,6 +9,7 @@ deterministic :class:`~beit3.processing.Beit3ImageProcessor`.
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -180,7 +181,7 @@ def kept(batch: Mapping[str, Any]) -> torch.Tensor:
     return ~batch["is_padding"]
 
 
-class IndexTask:
+class IndexTask(ABC):
     """What the index-based tasks share: options parsed against ``defaults`` and checked
     against the spec's ``datasets``, the model from ``spec.model_class`` and ``head_args()``,
     the train / validation index files of the spec, and datasets whose samples go through
@@ -217,8 +218,9 @@ class IndexTask:
     def val_index(self) -> str | list[str]:
         return self.options["val_index"] or self.split_index(self.spec.eval_split)
 
+    @abstractmethod
     def processor(self, cfg: RunConfig, train: bool) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """One raw sample -> one row of tensors, with training augmentation when ``train``."""
 
     def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
         return self.raw_dataset(index_files(cfg.data.root, names), transform=self.processor(cfg, train))

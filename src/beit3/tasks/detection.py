@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,15 @@ class DetectionTask:
         detections = model(batch["pixel_values"]).detections
         rows = [i for i, k in enumerate(keep) if k]
         ids = batch["image_id"][rows].tolist()
-        sizes = {info["id"]: (info["height"], info["width"]) for info in self.val.images}
         records = coco_results([detections[i] for i in rows], ids, batch["scale"][rows], self.val.category_ids,
-                               [sizes[i] for i in ids])
+                               [self.image_sizes[i] for i in ids])
         return {"records": records, "image_ids": ids}
+
+    @cached_property
+    def image_sizes(self) -> dict[int, tuple[int, int]]:
+        """(height, width) of each validation image by id, for boxes and masks in original pixels."""
+        assert self.val is not None, "build_datasets runs before evaluation"
+        return {info["id"]: (info["height"], info["width"]) for info in self.val.images}
 
     def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
         assert self.val is not None, "build_datasets runs before evaluation"
