@@ -72,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (ValueError, KeyError) as err:
         # Bad input is reported in one line that says what to fix, not as a traceback.
         print(f"beit3 {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # Missing inputs, read-only or full destinations: the path and the plain reason, one line.
+        from beit3.io import describe_os_error
+
+        print(f"beit3 {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
 
 

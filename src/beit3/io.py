@@ -53,3 +53,63 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def describe_os_error(err: OSError, reason_only: bool = False) -> str:
+    """One line for a failed file operation: the path and the plain reason (only the reason when
+    ``reason_only``)."""
+    import errno
+
+    reasons = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOENT: "no such file or folder",
+        errno.ENOTDIR: "not a folder",
+        errno.EISDIR: "is a folder",
+    }
+    if err.errno is None or err.errno not in reasons:
+        return str(err)
+    reason = reasons[err.errno]
+    if reason_only:
+        return reason
+    where = err.filename
+    if where is None:
+        # Some writers (torch.save, safetensors) wrap the OS error; its cause keeps the path.
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, OSError) and cause.filename is not None:
+            where = cause.filename
+    return f"{where}: {reason}" if where is not None else reason
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (and its parents) when missing and prove a file can be written in it.
+
+    Commands call this before doing any work, so a read-only or full destination fails in one line
+    at the start rather than after minutes of computation. Raises ``PermissionError``/``OSError``
+    with a message naming the folder.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".beit3-write-test-{os.getpid()}"
+        with open(probe, "wb") as handle:
+            handle.write(b"0")
+        probe.unlink()
+    except OSError as err:
+        error = PermissionError if isinstance(err, PermissionError) else OSError
+        raise error(f"cannot write to the {what} {path}: {describe_os_error(err, reason_only=True)}") from None
+    return path
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """The folder of ``path`` can take a new file (see ``ensure_writable_dir``); ``path`` is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
+    ensure_writable_dir(path.parent if str(path.parent) else Path("."), what=f"folder of the {what}")
+    return path
