@@ -157,12 +157,24 @@ class Beit3PreTrainedModel(nn.Module):
         """Write ``config.json`` + ``model.safetensors``; each file is replaced atomically."""
         from safetensors.torch import save_file
 
+        from beit3.hub import model_card
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.config_json()))
+        card = directory / "README.md"
+        if not card.exists():  # a card the Hub reads; one written by the user is kept
+            atomic_write(card, lambda tmp: Path(tmp).write_text(model_card(self), encoding="utf-8"))
         return directory
+
+    def push_to_hub(self, repo_id: str, *, processor: Any = None, **options: Any) -> Any:
+        """Upload this model (and ``processor``: a Beit3Processor or tokenizer) to the Hugging Face Hub
+        as ``repo_id``, the folder ``save_pretrained`` writes (needs ``huggingface_hub``)."""
+        from beit3.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, processor=processor, **options)
 
     def config_json(self) -> str:
         """The ``config.json`` of our directory format: architecture, backbone config, head arguments.
@@ -186,8 +198,11 @@ class Beit3PreTrainedModel(nn.Module):
         overrides: config fields (e.g. ``image_size=480``, ``drop_path_rate=0.1``,
             ``num_heads``) or head arguments (e.g. ``num_labels``).
         Raises ``CheckpointError`` listing missing, unexpected and mis-shaped keys.
+        A Hub repository name (``"org/name"``) is fetched with ``huggingface_hub`` (see ``beit3.hub``).
         """
-        path = Path(path)
+        from beit3.hub import resolve
+
+        path = resolve(path)
         state, layout, saved = _read_any(path)
         config_fields = set(Beit3Config.__dataclass_fields__)
         config_overrides = {k: v for k, v in overrides.items() if k in config_fields}
@@ -317,18 +332,10 @@ def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] 
 
 
 def load_any_model(path: str | Path, **overrides: Any) -> Beit3PreTrainedModel:
-    """Load a saved model directory as the class recorded in its config.json."""
-    from beit3 import models
+    """Load a model folder or checkpoint as the class it holds (see :func:`beit3.auto.load_model`)."""
+    from beit3.auto import load_model
 
-    path = Path(path)
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a beit3 model directory: {CONFIG_NAME} is missing")
-    architecture = json.loads(config_file.read_text()).get("architecture", "Beit3Model")
-    cls = getattr(models, architecture, None)
-    if not (isinstance(cls, type) and issubclass(cls, Beit3PreTrainedModel)):
-        raise CheckpointError(f"{config_file}: unknown architecture {architecture!r}")
-    return cls.from_pretrained(path, **overrides)
+    return load_model(path, **overrides)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -56,6 +56,8 @@ class Beit3ForImageTextRetrieval(Beit3PreTrainedModel):
             raise ValueError(f"batch sizes differ: {pixel_values.shape[0]} images, {input_ids.shape[0]} texts")
         image_embeds = self.encode_image(pixel_values)
         text_embeds = self.encode_text(input_ids, attention_mask)
-        logits = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        scale = self.logit_scale.exp()
+        logits = scale * image_embeds @ text_embeds.t()
         loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale) if return_loss else None
-        return RetrievalOutput(image_embeds=image_embeds, text_embeds=text_embeds, logits_per_image=logits, loss=loss)
+        return RetrievalOutput(image_embeds=image_embeds, text_embeds=text_embeds, logits_per_image=logits,
+                               logits_per_text=logits.t(), logit_scale=scale, loss=loss)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from beit3.processing.batch import BatchEncoding
 from beit3.processing.image import Beit3ImageProcessor, ImageInput
 from beit3.processing.tokenizer import Beit3Tokenizer, TextInput
 
@@ -39,28 +40,38 @@ class Beit3Processor:
         images: ImageInput | Sequence[Any] | None = None,
         text: TextInput | Sequence[TextInput] | None = None,
         *,
+        padding: bool | str = "max_length",
+        truncation: bool | str = True,
         max_length: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Images, text or both -> a batch.
+        return_tensors: str | None = "pt",
+    ) -> BatchEncoding:
+        """Images, text or both -> a batch (a dict with ``.to(device)``), as Hugging Face processors.
 
         * ``images``: one image or a list -> ``pixel_values`` ``(B, 3, S, S)``; a list of
           ``(left, right)`` pairs (NLVR2) -> ``(B, 2, 3, S, S)``.
         * ``text``: strings or id lists without special tokens (as in the official index files)
-          -> ``input_ids`` and ``attention_mask`` ``(B, max_length)``.
+          -> ``input_ids`` and ``attention_mask`` ``(B, L)``: ``L = max_length`` (default: the
+          processor's, 64) with ``padding="max_length"``, the longest text with ``padding=True``.
+        * ``return_tensors``: ``"pt"`` (the default; ``None`` means the same) or ``"np"``.
 
         Given both, there must be one text per image (or pair).
         """
         if images is None and text is None:
             raise ValueError("nothing to process: give images, text or both")
-        batch: dict[str, torch.Tensor] = {}
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        batch = BatchEncoding()
         if images is not None:
             batch["pixel_values"] = self._pixels(images)
         if text is not None:
-            batch.update(self.tokenizer(text, max_length=max_length or self.max_length))
+            batch.update(self.tokenizer(text, padding=padding, truncation=truncation,
+                                        max_length=max_length or self.max_length, return_tensors="pt"))
         if "pixel_values" in batch and "input_ids" in batch and \
                 len(batch["pixel_values"]) != len(batch["input_ids"]):
             raise ValueError(f"got {len(batch['pixel_values'])} images (or pairs) but "
                              f"{len(batch['input_ids'])} texts")
+        if return_tensors == "np":
+            return BatchEncoding({key: value.numpy() for key, value in batch.items()})
         return batch
 
     def _pixels(self, images: Any) -> torch.Tensor:

@@ -36,6 +36,8 @@ from typing import Literal, Union
 import sentencepiece as spm
 import torch
 
+from beit3.processing.batch import BatchEncoding
+
 BOS_TOKEN, PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, MASK_TOKEN = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPM_FILENAME = "sentencepiece.model"
@@ -48,6 +50,8 @@ _SPECIAL_IN_TEXT = re.compile(r"(\s*<mask>|<s>|</s>|<pad>|<unk>)")
 
 TextInput = Union[str, Sequence[int]]
 Padding = Literal["max_length", "longest", False]
+_PADDING = {True: "longest", "do_not_pad": False}  # Hugging Face's other spellings
+_TRUNCATION = {"longest_first": True, "only_first": True, "do_not_truncate": False}
 
 
 _BATCH_ENCODE_FROM = 32  # texts; up to this many, encoding one by one is faster (measured)
@@ -259,30 +263,40 @@ class Beit3Tokenizer:
 
     def __call__(
         self,
-        texts: TextInput | Sequence[TextInput],
-        max_length: int = 64,
-        padding: Padding = "max_length",
-        truncation: bool = True,
+        text: TextInput | Sequence[TextInput],
+        padding: bool | str = "max_length",
+        truncation: bool | str = True,
+        max_length: int | None = 64,
         return_tensors: Literal["pt"] | None = "pt",
-    ) -> dict[str, torch.Tensor] | dict[str, list[list[int]]]:
-        """Encode a batch into ``input_ids`` and ``attention_mask`` (1 = real token, 0 = padding).
+        add_special_tokens: bool = True,
+    ) -> BatchEncoding:
+        """Encode text into ``input_ids`` and ``attention_mask`` (1 = real token, 0 = padding), with
+        Hugging Face's arguments and shapes.
 
-        Each item is a string or a list of ids without special tokens (as stored in the official
-        index files). Sequences become ``<s> ... </s>``; truncation cuts the content to
-        ``max_length - 2`` so BOS and EOS always survive, as the official ``_get_text_segment``
-        does. Padding goes on the right. A single string is a batch of one.
+        * ``text``: a string, or a list of strings; an item may also be a list of ids without special
+          tokens (as stored in the official index files).
+        * ``padding``: ``True``/``"longest"`` (to the longest text), ``"max_length"``, or
+          ``False``/``"do_not_pad"``. Padding goes on the right.
+        * ``truncation``: ``True``/``"longest_first"`` cuts the content to ``max_length - 2`` so BOS and
+          EOS always survive, as the official ``_get_text_segment`` does.
+        * ``return_tensors``: ``"pt"`` for ``(B, L)`` tensors, ``None`` for lists. One string with
+          ``return_tensors=None`` gives flat lists (``[0, 1284, 2]``), a list of strings lists of lists.
+
+        Sequences are ``<s> ... </s>`` unless ``add_special_tokens=False``.
         """
-        if isinstance(texts, str) or (
-            isinstance(texts, Sequence) and texts and isinstance(texts[0], int)
-        ):
-            texts = [texts]  # type: ignore[list-item]
-        if not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
-            raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+        single = isinstance(text, str) or (
+            isinstance(text, Sequence) and len(text) > 0 and isinstance(text[0], int))
+        texts = [text] if single else text
+        if isinstance(texts, torch.Tensor) or not isinstance(texts, Sequence) or isinstance(texts, (bytes, bytearray)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
         strings = [t for t in texts if isinstance(t, str)]
         encoded = iter(self._encode_batch(strings))
         contents = [next(encoded) if isinstance(t, str) else self._check_ids(t) for t in texts]
-        return self.pad(contents, max_length=max_length, padding=padding, truncation=truncation,
-                        return_tensors=return_tensors)
+        batch = self.pad(contents, max_length=max_length, padding=padding, truncation=truncation,
+                         return_tensors=return_tensors, add_special_tokens=add_special_tokens)
+        if single and return_tensors is None:
+            return BatchEncoding({key: rows[0] for key, rows in batch.items()})
+        return batch
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         if isinstance(ids, torch.Tensor):
@@ -297,28 +311,37 @@ class Beit3Tokenizer:
     def pad(
         self,
         contents: Sequence[Sequence[int]],
-        max_length: int = 64,
-        padding: Padding = "max_length",
-        truncation: bool = True,
+        max_length: int | None = 64,
+        padding: bool | str = "max_length",
+        truncation: bool | str = True,
         return_tensors: Literal["pt"] | None = "pt",
-    ) -> dict[str, torch.Tensor] | dict[str, list[list[int]]]:
+        add_special_tokens: bool = True,
+    ) -> BatchEncoding:
         """Add BOS/EOS to id lists (without special tokens), truncate, pad right and build masks."""
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (BOS and EOS), got {max_length}")
+        padding = _PADDING.get(padding, padding)  # type: ignore[call-overload]
         if padding not in ("max_length", "longest", False):
-            raise ValueError(f"padding must be 'max_length', 'longest' or False, got {padding!r}")
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+        truncation = _TRUNCATION.get(truncation, truncation)  # type: ignore[call-overload]
+        if truncation not in (True, False):
+            raise ValueError(f"truncation must be True, False or 'longest_first', got {truncation!r}")
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        specials = 2 if add_special_tokens else 0
+        if max_length is None and (padding == "max_length" or truncation):
+            raise ValueError("padding='max_length' and truncation need max_length (the model's text length, "
+                             "e.g. 64)")
+        if max_length is not None and max_length < specials:
+            raise ValueError(f"max_length must be at least 2 (BOS and EOS), got {max_length}")
         sequences = []
         for ids in contents:
             if truncation:
-                ids = ids[: max_length - 2]
-            elif padding == "max_length" and len(ids) + 2 > max_length:
+                ids = ids[: max_length - specials]
+            elif padding == "max_length" and len(ids) + specials > max_length:
                 raise ValueError(
-                    f"a text has {len(ids) + 2} tokens, more than max_length={max_length}; "
+                    f"a text has {len(ids) + specials} tokens, more than max_length={max_length}; "
                     "enable truncation or raise max_length"
                 )
-            sequences.append([BOS_ID, *ids, EOS_ID])
+            sequences.append([BOS_ID, *ids, EOS_ID] if add_special_tokens else list(ids))
         if padding == "max_length":
             width = max_length
         elif padding == "longest":
@@ -331,14 +354,15 @@ class Beit3Tokenizer:
             input_ids = sequences
         attention_mask = [[1] * len(s) + [0] * (len(row) - len(s)) for s, row in zip(sequences, input_ids)]
         if return_tensors is None:
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
+            return BatchEncoding(input_ids=input_ids, attention_mask=attention_mask)
         if len({len(row) for row in input_ids}) > 1:
-            raise ValueError("texts have different lengths; use padding='longest' or 'max_length' for tensors")
+            raise ValueError("texts have different lengths; use padding=True (the longest) or 'max_length' "
+                             "for tensors")
         width = len(input_ids[0]) if input_ids else 0
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long).view(len(input_ids), width),
-            "attention_mask": torch.tensor(attention_mask, dtype=torch.long).view(len(input_ids), width),
-        }
+        return BatchEncoding(
+            input_ids=torch.tensor(input_ids, dtype=torch.long).view(len(input_ids), width),
+            attention_mask=torch.tensor(attention_mask, dtype=torch.long).view(len(input_ids), width),
+        )
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[Path]:
