@@ -8,6 +8,8 @@ concatenation of the hidden states is needed between blocks.
 """
 from __future__ import annotations
 
+import os
+
 from collections.abc import Collection, Sequence
 from typing import Literal
 
@@ -95,6 +97,18 @@ def take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
             raise ValueError(f"block index {index} is out of range for {depth} blocks")
         chosen.add(index % depth)
     return sorted(chosen)
+
+
+def _host_checks(tensor: torch.Tensor) -> bool:
+    """Whether checks that read tensor values may run: in eager mode on CPU tensors, where reading
+    costs no device synchronisation, or anywhere with ``BEIT3_CHECK_INPUTS=1`` (debugging). Never
+    while ``torch.compile``/``torch.export`` trace, so the model stays one graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or _CHECK_INPUTS
+
+
+_CHECK_INPUTS = os.environ.get("BEIT3_CHECK_INPUTS", "") not in ("", "0")
 
 
 class Beit3Model(Beit3PreTrainedModel):
@@ -292,8 +306,12 @@ class Beit3Model(Beit3PreTrainedModel):
     def _key_padding(
         vision: torch.Tensor | None, attention_mask: torch.Tensor | None, past: KVCache | None
     ) -> torch.Tensor | None:
-        """(B, Tk) bool, True = real key; None when nothing is padded (the fast attention path)."""
-        if attention_mask is None or bool(attention_mask.all()):
+        """(B, Tk) bool, True = real key; None when nothing is padded (the fast attention path).
+
+        Whether anything is padded is only asked where the answer costs nothing (eager, CPU): on an
+        accelerator, or while compiling, the mask is always built, so a forward never waits for the
+        device (the attention result is the same either way)."""
+        if attention_mask is None or (_host_checks(attention_mask) and bool(attention_mask.all())):
             return None
         parts = [attention_mask.bool()]
         batch = attention_mask.shape[0]
@@ -338,7 +356,10 @@ class Beit3Model(Beit3PreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch sizes differ: pixel_values has {pixel_values.shape[0]} images, "
                              f"input_ids has {input_ids.shape[0]} texts")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+        # Value checks read the tensors back: done only where that is free (see _host_checks). On a GPU
+        # an out-of-range id still fails, in the embedding kernel, with a device-side assert.
+        values = _host_checks(input_ids)
+        if values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
             raise ValueError(f"input_ids contains ids outside the vocabulary [0, {config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
         end = text_position_offset + input_ids.shape[1]
@@ -349,5 +370,5 @@ class Beit3Model(Beit3PreTrainedModel):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
                                  f"shape {tuple(input_ids.shape)}")
-            if pixel_values is None and input_ids.shape[1] and not bool(attention_mask.any(dim=1).all()):
+            if values and pixel_values is None and input_ids.shape[1] and not bool(attention_mask.any(dim=1).all()):
                 raise ValueError("a text-only input has a row whose attention_mask is all zeros (nothing to attend to)")
