@@ -83,19 +83,11 @@ def resolve_class(path: Path, task: str | None = None) -> type[Beit3PreTrainedMo
                 raise CheckpointError(f"{path / CONFIG_NAME}: unknown architecture {architecture!r}; "
                                       "is the package that defines it installed?")
             return cls
-    from beit3.models.convert import read_state_dict, to_task_form
+    from beit3.models.convert import read_state_dict, resolve_checkpoint, to_task_form
 
-    state, _ = to_task_form(read_state_dict(_weights_file(path)))
+    weights, _ = resolve_checkpoint(path)
+    state, _ = to_task_form(read_state_dict(weights))
     return class_for_task(detect_task(state))
-
-
-def _weights_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return path / name
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
 
 
 def load_model(path_or_repo: str | os.PathLike, *, task: str | None = None, revision: str | None = None,

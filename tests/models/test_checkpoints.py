@@ -1,4 +1,5 @@
-"""from_pretrained / save_pretrained: our format, official files, timm files, and loud failures."""
+"""from_pretrained / save_pretrained: our format, official files, and loud failures (timm files:
+test_timm_weights.py; Hugging Face folders: test_hf_layout.py)."""
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from beit3.models import (
     load_any_model,
 )
 from beit3.models.convert import read_state_dict, to_task_form
+from tests.faults import assert_one_line_error, read_only_dir, run_cli
 from tests.models.reference import official_names
 
 TINY = Beit3Config.from_preset("tiny")
@@ -22,7 +24,7 @@ TINY = Beit3Config.from_preset("tiny")
 def test_save_and_load_round_trip(tmp_path):
     model = Beit3ForVisualQuestionAnswering(TINY, num_labels=13).eval()
     model.save_pretrained(tmp_path / "vqa")
-    assert sorted(p.name for p in (tmp_path / "vqa").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "vqa").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     meta = json.loads((tmp_path / "vqa" / "config.json").read_text())
     assert meta["architecture"] == "Beit3ForVisualQuestionAnswering" and meta["head"] == {"num_labels": 13}
     loaded = load_any_model(tmp_path / "vqa").eval()
@@ -153,32 +155,7 @@ def test_save_is_atomic_and_keeps_the_previous_files_on_failure(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         Beit3Model(TINY).save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
-
-
-def test_timm_vision_only_weights(tmp_path):
-    """timm's remap: blocks.N.attn.q_proj..., pos_embed, cls_token, no .A. and no text weights."""
-    source = Beit3ForImageClassification(TINY.replace(final_norm=False), num_labels=6).eval()
-    official = official_names(source.beit3)
-    timm_state = {}
-    for key, value in official.items():
-        if ".B." in key or key in ("text_embed.weight", "vision_embed.mask_token", "encoder.embed_positions.B.weight"):
-            continue
-        if key == "vision_embed.cls_token":
-            timm_state["cls_token"] = value
-            continue
-        new = key.replace("embed_positions.", "pos_embed.").replace("vision_embed.", "patch_embed.")
-        new = new.replace("encoder.", "").replace("layers.", "blocks.").replace("ffn.", "mlp.")
-        new = new.replace("ffn_layernorm.", "norm.").replace("self_attn_layer_norm.", "norm1.")
-        new = new.replace("self_attn.", "attn.").replace("final_layer_norm.", "norm2.").replace("A.", "")
-        timm_state[new] = value
-    timm_state.update({k: v for k, v in source.state_dict().items() if k.startswith(("fc_norm", "head"))})
-    assert "blocks.1.attn.inner_attn_ln.weight" in timm_state and "pos_embed.weight" in timm_state
-    torch.save(timm_state, tmp_path / "timm.pth")
-    loaded = Beit3ForImageClassification.from_pretrained(tmp_path / "timm.pth", num_heads=4).eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(images).logits, source(images).logits, atol=1e-6, rtol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_convert_command_detects_the_task(tmp_path, capsys):
@@ -199,3 +176,65 @@ def test_read_state_dict_safetensors(tmp_path):
     Beit3Model(TINY).save_pretrained(tmp_path / "m")
     state, layout = to_task_form(read_state_dict(tmp_path / "m" / "model.safetensors"))
     assert layout == "beit3" and "beit3.layers.0.attn.qkv.vision.weight" in state
+
+
+def _official_captioner_file(tmp_path, **head_args):
+    model = Beit3ForCaptioning(TINY, **head_args)
+    state = {f"beit3.{k}": v for k, v in official_names(model.beit3).items()}
+    state.update({k: v for k, v in model.state_dict().items() if k.startswith("mlm_head")})
+    torch.save({"model": state}, tmp_path / "cap.pth")
+    return tmp_path / "cap.pth"
+
+
+def test_convert_of_a_small_vocabulary_captioner_hints_at_the_mask_token_id(tmp_path):
+    path = _official_captioner_file(tmp_path)
+    code, out, err = run_cli(["convert", path, tmp_path / "out", "--num-heads", "4"])
+    assert code == 0, err
+    assert "vocabulary has 1000 rows" in err and "--mask-token-id" in err
+    assert load_any_model(tmp_path / "out").mask_token_id is None
+    code, out, err = run_cli(["convert", path, tmp_path / "out2", "--num-heads", "4", "--mask-token-id", "7"])
+    assert code == 0 and "--mask-token-id" not in err, err
+    assert load_any_model(tmp_path / "out2").mask_token_id == 7
+
+
+def test_convert_of_files_that_are_no_checkpoint_fails_in_one_line(tmp_path):
+    (tmp_path / "notes.pth").write_text("these are my notes, not weights\n")
+    torch.save({"model": Beit3Model(TINY).state_dict()}, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    cases = {"notes.pth": "not a PyTorch or safetensors checkpoint", "cut.pth": "damaged or truncated",
+             "cut.safetensors": "damaged or truncated safetensors"}
+    for name, reason in cases.items():
+        code, _, err = run_cli(["convert", tmp_path / name, tmp_path / "out"])
+        assert_one_line_error(code, err, tmp_path / name, reason)
+        assert len(err.strip().splitlines()) == 1 and "weights_only=False" not in err
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"model": {}, "extra": Evil()}, tmp_path / "evil.pth")
+    code, _, err = run_cli(["convert", tmp_path / "evil.pth", tmp_path / "out"])
+    assert_one_line_error(code, err, tmp_path / "evil.pth", "weights_only=True")
+    assert "weights_only=False" not in err and "code ran" not in err
+
+
+def test_convert_checks_the_output_folder_first(tmp_path):
+    path = _official_captioner_file(tmp_path, mask_token_id=3)
+    with read_only_dir(tmp_path) as folder:
+        code, out, err = run_cli(["convert", path, folder / "model", "--num-heads", "4"])
+        assert_one_line_error(code, err, folder / "model")
+        assert out == ""  # nothing was converted
+    (tmp_path / "taken").write_text("a file")
+    code, _, err = run_cli(["convert", path, tmp_path / "taken", "--num-heads", "4"])
+    assert_one_line_error(code, err, tmp_path / "taken", "not a folder")
+
+
+def test_a_position_table_of_no_known_shape_is_a_checkpoint_error():
+    from beit3.models.convert import infer_config
+
+    state = {f"beit3.{k}": v for k, v in Beit3Model(TINY).state_dict().items()}
+    state["beit3.vision_pos_embed"] = torch.zeros(17, 64)  # timm's N + 1 rows, in our layout
+    with pytest.raises(CheckpointError, match="17 rows"):
+        infer_config(state)

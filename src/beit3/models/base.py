@@ -201,8 +201,12 @@ class Beit3PreTrainedModel(nn.Module):
         A Hub repository name (``"org/name"``) is fetched with ``huggingface_hub`` (see ``beit3.hub``).
         """
         from beit3.hub import resolve
+        from beit3.models.convert import resolve_checkpoint
 
-        path = resolve(path)
+        # A Hub name -> its snapshot; a Hugging Face or timm folder -> its weights file, with the
+        # config fields only its config.json knows (explicit overrides win).
+        path, hints = resolve_checkpoint(resolve(path))
+        overrides = {**hints, **overrides}
         state, layout, saved = _read_any(path)
         config_fields = set(Beit3Config.__dataclass_fields__)
         config_overrides = {k: v for k, v in overrides.items() if k in config_fields}

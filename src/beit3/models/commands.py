@@ -1,8 +1,9 @@
-"""`beit3 convert`: official / timm checkpoint files -> our directory format."""
+"""`beit3 convert`: official / Hugging Face / timm checkpoints -> our directory format, and ours -> timm."""
 from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -10,9 +11,14 @@ EXAMPLES = """examples:
   beit3 convert beit3_base_patch16_224.pth models/base --task backbone
   beit3 convert beit3_base_patch16_224.pth models/nlvr2-init --task nlvr2 --init-head
   beit3 convert beit3_large_patch16_224.pth models/large-384 --task backbone --image-size 384
+  beit3 convert timm-beit3-base/model.safetensors models/in1k-timm        # timm weights (vision only)
+  beit3 convert hf-beit3-vqa/ models/vqa-hf                              # a Hugging Face BEiT-3 PR folder
+  beit3 convert models/in1k-base in1k-timm.safetensors --to timm          # ours -> a timm file
 
 The output folder loads with Beit3Model.from_pretrained / Beit3For<Task>.from_pretrained and is what
-model.pretrained and `beit3 evaluate --checkpoint` take. Formats read: docs/models.md.
+model.pretrained and `beit3 evaluate --checkpoint` take. With --to timm the output is one file that
+timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)) loads; the command
+prints the exact call. Formats read: docs/checkpoints.md.
 """
 
 
@@ -22,18 +28,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
         help=summary("convert"),
-        description="Read an official BEiT-3 checkpoint (or timm's vision-only weights), check that every "
-        "tensor fits, and write config.json + model.safetensors. The task is detected from the head keys "
-        "unless --task is given.",
+        description="Read an official BEiT-3 checkpoint, a Hugging Face BEiT-3 folder or timm's vision-only "
+        "weights, check that every tensor fits, and write config.json + model.safetensors (or, with --to timm, "
+        "a timm weights file). The task is detected from the head keys unless --task is given.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", type=Path, help="input .pth / .pt / .bin / .safetensors file")
-    parser.add_argument("output", type=Path, help="output directory (created)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="input .pth / .pt / .bin / .safetensors file, or a folder (ours, Hugging Face or timm)")
+    parser.add_argument("output", type=Path,
+                        help="output directory (created); with --to timm, the output file (.safetensors or .pth)")
+    parser.add_argument("--to", default="beit3", choices=["beit3", "timm"],
+                        help="output format: beit3 (our folder, default) or timm (an image classifier or vision "
+                        "backbone as timm's beit3_* VisionTransformer)")
     parser.add_argument("--task", default="auto", choices=["auto", "backbone", *_convertible()],
                         help="model to build (default: auto, detected from the checkpoint's head keys)")
     parser.add_argument("--image-size", type=int, help="resample the vision position table to this image size")
-    parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as every release)")
+    parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64 as every release; 16 for the giant width 1408)")
     parser.add_argument("--mask-token-id", type=int,
                         help="captioning: id of <mask> in your tokenizer (default 64001, the official one)")
     parser.add_argument("--init-head", action="store_true",
@@ -49,39 +60,84 @@ def _convertible() -> list[str]:
 
 
 def detect_task(state: dict) -> str:
-    """Which task a (task-form) state dict was trained for: the task whose declared head keys
-    are all present, the one with the most keys first (NLVR2's head sits beside a pooler, for
-    instance); ``backbone`` when none fits."""
-    from beit3.catalogue import iter_tasks
+    """The task of a task-form state dict (``beit3.auto.detect_task``), ``--task`` in the advice."""
+    from beit3.auto import detect_task as detect
 
-    fitting = [spec for spec in iter_tasks("finetune", having="head_keys") if all(k in state for k in spec.head_keys)]
-    if not fitting:
-        return "backbone"
-    most = max(len(spec.head_keys) for spec in fitting)
-    best = [spec for spec in fitting if len(spec.head_keys) == most]
-    if len(best) > 1:
-        raise ValueError(f"the checkpoint's head keys fit the tasks {', '.join(s.name for s in best)}; pass --task")
-    return best[0].name
+    try:
+        return detect(state)
+    except ValueError as err:
+        raise ValueError(str(err).replace("pass task=", "pass --task")) from None
 
 
 def run_convert(args: argparse.Namespace) -> int:
     from beit3.catalogue import get_task
+    from beit3.io import ensure_writable_dir, ensure_writable_file
     from beit3.models import Beit3Model, count_parameters
-    from beit3.models.convert import read_state_dict, to_task_form
+    from beit3.models.convert import CheckpointError, load_pretrained, read_state_dict, resolve_checkpoint, to_task_form
 
-    if not args.checkpoint.is_file():
+    if not args.checkpoint.exists():
         raise FileNotFoundError(f"checkpoint file not found: {args.checkpoint}; pass a .pth of the BEiT-3 release "
-                                "(see docs/models.md) or a timm .safetensors file")
-    state, layout = to_task_form(read_state_dict(args.checkpoint))
-    task = detect_task(state) if args.task == "auto" else args.task
+                                "(see docs/checkpoints.md), a timm .safetensors/.pth file, or a model folder")
+    if args.to == "timm":
+        if args.output.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+            raise ValueError(f"with --to timm the output is a file: {args.output} should end in .safetensors or .pth")
+        ensure_writable_file(args.output)
+    else:
+        ensure_writable_dir(args.output)  # a read-only or full destination fails now, not after the conversion
+    source, _ = resolve_checkpoint(args.checkpoint)
+    if source.is_dir():  # one of our folders
+        import json
+
+        architecture = json.loads((source / "config.json").read_text()).get("architecture", "Beit3Model")
+        state, layout, task = None, "beit3", _task_of_architecture(architecture)
+    else:
+        state, layout = to_task_form(read_state_dict(source))
+        task = None
+    if args.task != "auto":
+        task = args.task
+    elif task is None:
+        task = detect_task(state)
     cls = Beit3Model if task == "backbone" else get_task(task).model_class
     overrides = {k: v for k, v in (("image_size", args.image_size), ("num_heads", args.num_heads)) if v}
     if args.mask_token_id is not None and "mask_token_id" in inspect.signature(cls.__init__).parameters:
         overrides["mask_token_id"] = args.mask_token_id
-    model = cls.from_pretrained(args.checkpoint, init_head=args.init_head, **overrides)
-    model.save_pretrained(args.output)
+    model = load_pretrained(cls, args.checkpoint, init_head=args.init_head, **overrides)
     c = model.config
-    print(f"{args.checkpoint} ({layout} layout) -> {args.output}: {cls.__name__}, "
-          f"{c.num_layers} layers x {c.hidden_size}, {c.image_size}px, vocabulary {c.vocab_size}, "
-          f"{count_parameters(model):,} parameters")
+    notes = []
+    if layout == "timm" and args.to != "timm":
+        notes.append("timm files hold the vision side only: the text embedding, text experts and text positions keep "
+                     f"their fresh initialisation (defaults: vocabulary {c.vocab_size}, {c.max_text_positions} text "
+                     "positions); fine-tune before using the model on text")
+    if getattr(model, "mask_token_id", 0) is None:
+        notes.append(f"the vocabulary has {c.vocab_size} rows, not the official 64010, so the <mask> id that captioning "
+                     "decodes with is unknown: run the conversion again with --mask-token-id N (N = your tokenizer's "
+                     "<mask> id), or pass mask_token_id= to generate()")
+
+    if args.to == "timm":
+        from beit3.models.timm_format import save_timm_checkpoint, timm_load_snippet
+
+        try:
+            name, kwargs = save_timm_checkpoint(model, args.output)
+        except CheckpointError as err:
+            raise CheckpointError(f"{args.checkpoint}: {err}") from None
+        print(f"{args.checkpoint} ({layout} layout) -> {args.output}: timm {name}, {c.num_layers} layers x "
+              f"{c.hidden_size}, {c.image_size}px (vision side only). Load it with:\n  import timm\n  "
+              + timm_load_snippet(args.output, name, kwargs))
+    else:
+        model.save_pretrained(args.output)
+        print(f"{args.checkpoint} ({layout} layout) -> {args.output}: {cls.__name__}, "
+              f"{c.num_layers} layers x {c.hidden_size}, {c.image_size}px, vocabulary {c.vocab_size}, "
+              f"{count_parameters(model):,} parameters")
+    for note in notes:
+        print(f"beit3 convert: note: {note}", file=sys.stderr)
     return 0
+
+
+def _task_of_architecture(architecture: str) -> str:
+    """The catalogue task whose model class is ``architecture`` (``backbone`` for Beit3Model)."""
+    from beit3.catalogue import iter_tasks
+
+    for spec in iter_tasks("finetune", having="head_keys"):
+        if spec.model_class.__name__ == architecture:
+            return spec.name
+    return "backbone"
