@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 from PIL import Image
 
@@ -41,6 +42,18 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert capsys.readouterr().out.count("already done") == 14
     assert (report / "results.md").read_text() == table
 
+    # a stage killed before its checkpoint: the rerun redoes it (train.resume=auto finds no checkpoint)
+    # with a fresh metrics.jsonl, not the killed run's records followed by the new run's again
+    run = out / "runs" / "classification_scratch"
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints")
+    (run / "summary.json").unlink()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("already done") == 13
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == results["tasks"][0]["steps"]
+
 
 def test_baselines_come_from_the_data(tmp_path):
     from beit3.demo.pipeline import baseline
@@ -76,6 +89,21 @@ def test_baselines_come_from_the_data(tmp_path):
     expected = [cider_d({1: refs[2][j], 2: refs[3][j], 3: refs[1][j]}, refs)[0] for j in (0, 1)]
     assert math.isclose(baseline("captioning", index)["value"], sum(expected) / 2)
     assert 0 < baseline("captioning", index)["value"] < cider_d({k: v[0] for k, v in refs.items()}, refs)[0]
+
+
+def test_a_chart_never_draws_a_line_back_in_step():
+    """A resumed run logs steps again (10..160 then 10..240): drawn in file order, the curve ran back
+    across the chart as a false diagonal. The points are drawn in step order, the later one winning."""
+    chart = line_chart([("resumed", [Series("x", [0, 10, 0, 10], [0.0, 0.0, 1.0, 1.0])])], columns=1)
+    blue = (31, 119, 180)
+    # plot area (50, 24)-(410, 246), y from -0.05 to 1.05: the false diagonal would cross (230, 135)
+    middle = {chart.getpixel((x, y)) for x in range(225, 236) for y in range(125, 146)}
+    assert blue not in middle
+    top = {chart.getpixel((230, y)) for y in range(30, 40)}  # the curve as it is now: flat at 1.0
+    assert blue in top
+    from beit3.demo.report import increasing
+
+    assert increasing([10, 20, 30, 10, 20], [5.0, 4.0, 3.0, 4.5, 3.5]) == ([10, 20, 30], [4.5, 3.5, 3.0])
 
 
 def test_charts_draw_every_series(tmp_path):

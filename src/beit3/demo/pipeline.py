@@ -2,6 +2,8 @@
 
 Each stage writes into its own folder under ``out`` and is skipped when its output is already
 there, so an interrupted demo continues where it stopped (``--fresh`` redoes everything). The
+training stages run with ``--resume auto``: a stage killed half-way continues from its newest
+checkpoint (or starts afresh, its metrics file cut back, when it had none). The
 stages call :func:`beit3.cli.main` with the arguments a user would type, which keeps the demo
 honest: it can only show what the commands do.
 """
@@ -123,7 +125,9 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
     world, runs = out / "data", out / "runs"
     tokenizer, vqkd, pretrained = world / "tokenizer", world / "vqkd", runs / "pretrained"
     stages = Stages(total=4 + 2 * len(plan.finetunes), fresh=fresh)
-    common = [f"train.seed={seed}", "train.progress_bar=true"]
+    # train.resume=auto: a stage killed half-way continues from its newest checkpoint (or starts over when
+    # it had none) instead of being refused for the run folder it left behind
+    common = [f"train.seed={seed}", "train.progress_bar=true", "train.resume=auto"]
 
     stages.run(f"generating the synthetic world ({plan.world})", world / "synthetic.json",
                lambda: _call("data", "synthetic", "--out", world, "--size", plan.world, "--seed", seed))

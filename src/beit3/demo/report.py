@@ -32,6 +32,14 @@ class Series:
     y: Sequence[float]
 
 
+def increasing(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The points of a series in increasing ``x``, the later of two points at one ``x`` kept (a resumed
+    run logs its steps again), so a line never runs back across the chart."""
+    latest = dict(zip(x, y))
+    order = sorted(latest)
+    return order, [latest[k] for k in order]
+
+
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     if high <= low:
         return [low]
@@ -70,7 +78,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
     draw.text(((plot[0] + plot[2]) // 2 - 15, bottom - 16), x_label, fill=INK, font=font)
     for number, line in enumerate(series):
         colour = SERIES_COLOURS[number % len(SERIES_COLOURS)]
-        points = [to_px(x, y) for x, y in zip(line.x, line.y)]
+        points = [to_px(x, y) for x, y in zip(*increasing(line.x, line.y))]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         elif points:

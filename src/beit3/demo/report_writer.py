@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from beit3.catalogue import spec_for_model
+from beit3.io import atomic_write_text
 from beit3.demo.pipeline import DemoPlan
 from beit3.demo.report import BAD, GOOD, INK, SERIES_COLOURS, Series, captioned_grid, line_chart, retrieval_grid
 
@@ -33,8 +34,8 @@ def _curve(run: Path, key: str, split: str = "train") -> tuple[list[float], list
 def write_report(out: Path, plan: DemoPlan, results: dict[str, Any]) -> Path:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    (report / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    (report / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    atomic_write_text(report / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(report / "results.md", results_markdown(results))
     runs, index = out / "runs", out / "data" / "index"
     loss_curves(runs, plan).save(report / "loss_curves.png")
     tasks = {spec.task for spec in plan.finetunes}
@@ -147,7 +148,7 @@ def retrieval_examples(runs: Path, index: Path, queries: int = 6, k: int = 5) ->
                               for s in range(0, len(images), 64)])
     picked = rows[:: max(1, len(rows) // queries)][:queries]
     encoded = tokenizer([r["text"] for r in picked], max_length=text_length(folder), padding="max_length",
-                        truncation=True)
+                        truncation=True, return_tensors="pt")
     text_embeds = model.encode_text(encoded["input_ids"], encoded["attention_mask"])
     top = (text_embeds @ image_embeds.T).topk(min(k, len(images)), dim=-1).indices
     grid = []

@@ -211,6 +211,12 @@ def _refs(pattern: str):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from beit3.io import atomic_write_text, ensure_writable_dir
+    from beit3.training.distributed import configure_threads
+
+    # A read-only or full --out fails now, in one line, not after the training steps.
+    ensure_writable_dir(args.out, "output folder (--out)")
+    configure_threads(None)  # half the CPUs (or OMP_NUM_THREADS): see docs/training.md, "CPU threads"
     overrides = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size),
                                    ("codebook_size", args.codebook_size)) if v is not None}
     if args.teacher == "hog":
@@ -225,7 +231,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                    log=lambda line: print(line, file=sys.stderr))
     model.cpu().save_pretrained(args.out)
     report = codebook_usage(model, refs[:5000], source.load, device="cpu")
-    Path(args.out, "codebook_usage.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.out, "codebook_usage.json"), json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return 0
 

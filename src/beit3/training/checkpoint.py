@@ -12,6 +12,9 @@ A checkpoint is a folder ``step_<8 digits>/`` holding
 Everything is written into ``step_<n>.tmp-<pid>/`` and the folder is renamed into place only when
 complete, so a run killed mid-save leaves a temp folder that resume ignores and the previous
 checkpoint intact. Resume verifies the manifest and falls back to older checkpoints on mismatch.
+A save that fails (a full disk, a quota) removes its temp folder and raises one ``OSError`` naming
+the checkpoint folder and the plain reason; earlier checkpoints are untouched. Files get the
+default permissions of the umask (safetensors alone would write them owner-only, 0600).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from beit3.io import atomic_write_text, fsync_dir, fsync_file
+from beit3.io import atomic_write_text, describe_os_error, fsync_dir, fsync_file
 
 logger = logging.getLogger("beit3.training")
 
@@ -54,6 +57,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` gives a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors refuses shared storage (tied weights), so repeated storages are cloned."""
     seen: set[tuple[int, int]] = set()
@@ -66,6 +76,24 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         seen.add(key)
         plain[name] = tensor
     save_file(plain, str(path), metadata={"format": "pt"})
+    os.chmod(path, default_file_mode())  # safetensors creates its files 0600
+
+
+def _os_error_of(err: BaseException) -> OSError | None:
+    """The operating-system error behind a failed write: ``err`` itself, one it was raised from
+    (``torch.save`` wraps it in a RuntimeError), or the ``(os error N)`` safetensors puts in its text."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        found = re.search(r"\(os error (\d+)\)", str(current))
+        if found:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def save_checkpoint(
@@ -77,26 +105,25 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor] | None = None,
     text_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically (call on one process only)."""
+    """Write a complete checkpoint folder atomically (call on one process only).
+
+    On failure the temp folder is removed and an ``OSError`` naming the checkpoint folder is raised
+    (``<root>/step_<n>: no space left on the device``); checkpoints saved before are not touched.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(root, step)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_tensors(model_state, tmp / MODEL_FILE)
-    if ema_state is not None:
-        _save_tensors(ema_state, tmp / EMA_FILE)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    for name, text in (text_files or {}).items():
-        (tmp / name).write_text(text)
-    files = {}
-    for path in sorted(tmp.iterdir()):
-        fsync_file(path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
-    fsync_file(tmp / MANIFEST)
-    fsync_dir(tmp)
+    try:
+        _write_folder(tmp, step, model_state, trainer_state, ema_state, text_files)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error_of(err) if isinstance(err, Exception) else None
+        if cause is None:
+            raise
+        reason = describe_os_error(cause, reason_only=True)
+        if reason.startswith("["):  # no plain wording for this errno: the system's own
+            reason = cause.strerror or os.strerror(cause.errno)
+        raise OSError(cause.errno, reason, str(final)) from None
     if final.exists():
         # Same step saved twice (e.g. the last periodic save and the end of training): swap the
         # old folder out first so there is never a moment without a complete copy on disk.
@@ -108,6 +135,30 @@ def save_checkpoint(
         os.replace(tmp, final)
     fsync_dir(root)
     return final
+
+
+def _write_folder(tmp: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
+                  ema_state: dict[str, torch.Tensor] | None, text_files: dict[str, str] | None) -> None:
+    """Every file of a checkpoint, then its manifest, into the folder ``tmp`` (made afresh)."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(model_state, tmp / MODEL_FILE)
+    if ema_state is not None:
+        _save_tensors(ema_state, tmp / EMA_FILE)
+    # Through a Python file, so a failed write keeps its OSError (torch's own writer only says
+    # "unexpected pos").
+    with open(tmp / STATE_FILE, "wb") as handle:
+        torch.save(trainer_state, handle)
+    for name, text in (text_files or {}).items():
+        (tmp / name).write_text(text)
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        fsync_file(path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -152,6 +203,38 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     ema_state = load_file(str(path / EMA_FILE)) if (path / EMA_FILE).is_file() else None
     return model_state, trainer_state, ema_state
+
+
+def check_optimizer_state(trainable: list[str], optimizer_state: dict[str, Any],
+                          aliases: dict[str, str] | None = None) -> list[str]:
+    """Check a checkpoint's optimizer state belongs to a model with these trainable parameters.
+
+    The state names every parameter the optimizer held (``param_groups``) but keeps moments only for
+    those that received a gradient: AdamW creates them lazily, so parameters unused by a task (the
+    text embeddings in image-only fine-tuning) have none, and resuming must accept that. A real
+    mismatch (a parameter the checkpoint's optimizer never held, or one this model lacks) is a
+    ``ValueError``. ``aliases`` maps the other names of tied parameters to the name in ``trainable``.
+    Returns the parameters without saved state (as the checkpoint names them).
+    """
+    aliases = aliases or {}
+    listed = [name for group in optimizer_state.get("param_groups", []) for name in group.get("params", [])]
+    saved = list(dict.fromkeys(aliases.get(name, name) for name in listed))
+    saved_set, trainable_set = set(saved), set(trainable)
+    missing = [name for name in trainable if name not in saved_set]
+    unexpected = [name for name in saved if name not in trainable_set]
+    stray = [str(name) for name in optimizer_state.get("state", {}) if aliases.get(name, name) not in saved_set]
+    if missing or unexpected or stray:
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        parts = [f"{len(missing)} trainable parameter(s) it never held ({some(missing)})" if missing else "",
+                 f"{len(unexpected)} parameter(s) this model does not train ({some(unexpected)})" if unexpected else "",
+                 f"state for {len(stray)} unnamed parameter(s) ({some(stray)})" if stray else ""]
+        raise ValueError("the checkpoint's optimizer state does not match this model: "
+                         + "; ".join(p for p in parts if p)
+                         + ". Resume with the model (and frozen parameters) of that run, or start fresh")
+    with_state = {aliases.get(name, name) for name in optimizer_state.get("state", {})}
+    return [name for name in saved if name not in with_state]
 
 
 def read_best(root: Path) -> dict[str, Any] | None:

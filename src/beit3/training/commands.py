@@ -7,7 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from beit3.training.config import load_config
+from beit3.io import ensure_writable_dir
+from beit3.training.config import load_config, resolve_paths
 from beit3.training.loop import Trainer
 from beit3.catalogue import iter_tasks
 from beit3.training.task import TaskKind, build_task
@@ -27,6 +28,8 @@ examples:
       -m beit3 {cmd} --recipe configs/{recipe} parallel.strategy=fsdp parallel.activation_checkpointing=true
   # continue a killed or preempted run from its newest intact checkpoint
   beit3 {cmd} --recipe configs/{recipe} --resume auto
+  # a fresh run into a folder holding an older run: delete that run's files first
+  beit3 {cmd} --recipe configs/{recipe} --overwrite
   # show the resolved configuration without training
   beit3 {cmd} --recipe configs/{recipe} --print-config
 """
@@ -53,6 +56,9 @@ def _add_parser(subparsers: argparse._SubParsersAction, kind: TaskKind, help_tex
                                  "(same as --task mdm / --task itc)")
     parser.add_argument("--output-dir", help="run folder (train.output_dir)")
     parser.add_argument("--resume", help="'auto' (newest intact checkpoint in the run folder) or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run folder holding another run: delete its checkpoints, final/, "
+                             "metrics and summary first (train.overwrite=true); without it such a folder is refused")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
@@ -84,11 +90,21 @@ def run(args: argparse.Namespace, kind: TaskKind) -> int:
     for flag, key in ((args.task or objective, "task.name"), (args.output_dir, "train.output_dir"), (args.resume, "train.resume")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    cfg = load_config(args.recipe, overrides)
+    if getattr(args, "overwrite", False):
+        overrides.append("train.overwrite=true")
+    cfg = resolve_paths(load_config(args.recipe, overrides))
+    if cfg.train.resume is not None and cfg.train.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: resume continues the run in the "
+                         "folder, overwrite deletes it; give one of them")
+    if not args.print_config:
+        # A read-only or full destination fails here in one line, before any data or model is built.
+        ensure_writable_dir(cfg.train.output_dir, "run folder (train.output_dir)")
+    # The task checks its own options (task.options) when built, so --print-config shows only a
+    # recipe the run accepts (building a task reads no data and builds no model).
+    task = build_task(cfg, kind)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    task = build_task(cfg, kind)
     result = Trainer(cfg, task).fit()
     if result.stop_reason == "nonfinite":
         print(textwrap.fill(f"beit3 {kind}: stopped after {cfg.train.max_nonfinite_steps} consecutive non-finite "

@@ -126,7 +126,17 @@ class TrainSection:
     resume: str | None = None
     """``auto`` continues from the newest intact checkpoint in ``output_dir`` (starting fresh when
     there is none), a path resumes from that checkpoint, ``None`` starts fresh."""
+    overwrite: bool = False
+    """A fresh run (``resume`` unset) into an ``output_dir`` holding another run's checkpoints, ``final/``
+    or ``summary.json`` is refused unless this is true; then that run's files (``checkpoints/``,
+    ``final/``, ``metrics.jsonl``, ``summary.json``, ``run.yaml``, ``tensorboard/``) are deleted first.
+    Other files in the folder are left alone."""
     progress_bar: bool = True
+    """A tqdm bar when stderr is a terminal; otherwise (a log file) a plain line every 30 s."""
+    threads: int | None = None
+    """CPU threads of each process (``torch.set_num_threads``); ``None``: ``OMP_NUM_THREADS`` when set,
+    else the cores this process may run on divided by the processes of this node (see
+    docs/training.md: PyTorch's default oversubscribes a shared machine)."""
 
 
 @dataclass
@@ -188,6 +198,8 @@ class RunConfig:
             problems.append("schedule.epochs must be positive (or set schedule.max_steps)")
         if self.train.keep_last < 1:
             problems.append("train.keep_last must be at least 1")
+        if self.train.threads is not None and self.train.threads < 1:
+            problems.append("train.threads must be at least 1 (or null)")
         if self.train.max_nonfinite_steps < 1:
             problems.append("train.max_nonfinite_steps must be at least 1")
         if self.parallel.strategy == "fsdp" and self.train.precision == "fp16":
@@ -195,6 +207,46 @@ class RunConfig:
                             "use train.precision=bf16")
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
+
+
+PATH_OPTIONS = ("tokenizer", "answer2label", "label_file", "labels_file", "class_names", "visual_tokenizer")
+"""``task.options`` keys that may hold a path (made absolute by :func:`resolve_paths` when relative
+to the working folder, not to ``data.root``)."""
+
+
+def resolve_paths(cfg: RunConfig, cwd: str | Path | None = None) -> RunConfig:
+    """Make the path-valued settings absolute, in place, so ``run.yaml`` means the same from any folder.
+
+    ``data.root``, ``model.pretrained``, ``train.output_dir`` and a ``train.resume`` path are taken
+    relative to ``cwd`` (the working folder). A ``task.options`` path (:data:`PATH_OPTIONS`) is made
+    absolute only when it names something under ``cwd`` and nothing under ``data.root``: tasks read
+    some relative paths under ``data.root`` (index files, the pretraining tokenizers), which an
+    absolute ``data.root`` keeps meaning the same. Returns ``cfg``.
+    """
+    import os
+
+    base = Path(cwd) if cwd is not None else Path.cwd()
+
+    def absolute(value: str) -> str:
+        path = Path(os.path.expanduser(value))
+        return value if path.is_absolute() else os.path.normpath(base / path)
+
+    if cfg.data.root:
+        cfg.data.root = absolute(cfg.data.root)
+    if cfg.model.pretrained:
+        cfg.model.pretrained = absolute(cfg.model.pretrained)
+    if cfg.train.output_dir:
+        cfg.train.output_dir = absolute(cfg.train.output_dir)
+    if cfg.train.resume and cfg.train.resume != "auto":
+        cfg.train.resume = absolute(cfg.train.resume)
+    for key in PATH_OPTIONS:
+        value = cfg.task.options.get(key)
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        under_root = cfg.data.root is not None and (Path(cfg.data.root) / value).exists()
+        if (base / value).exists() and not under_root:
+            cfg.task.options[key] = absolute(value)
+    return cfg
 
 
 def _field_types(cls: type) -> dict[str, Any]:

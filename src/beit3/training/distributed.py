@@ -55,6 +55,35 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def default_threads(local_world_size: int) -> int:
+    """CPU threads for one of ``local_world_size`` processes on this node: ``OMP_NUM_THREADS`` when
+    set, else half the logical CPUs this process may run on (its affinity mask, which containers and
+    ``taskset`` narrow) shared out between the processes, at least 1.
+
+    Half, because logical CPUs are usually two per physical core (PyTorch's own default is the
+    physical cores), and because on a machine shared with other jobs a thread count equal to the
+    CPUs makes every parallel op wait for its slowest, descheduled thread: on 2 shared cores a
+    tiny fine-tune ran 5-15x slower with 2 threads than with 1 (docs/training.md).
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2 // max(1, local_world_size))
+
+
+def configure_threads(threads: int | None) -> int:
+    """``torch.set_num_threads`` to ``threads`` (``None``: :func:`default_threads`); returns it."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    count = threads if threads is not None else default_threads(local_world)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -30,10 +30,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader
 
-from beit3.io import atomic_write
+from beit3.io import atomic_write, atomic_write_text
 from beit3.training import checkpoint as ckpt
 from beit3.training import distributed as D
-from beit3.training.config import RunConfig
+from beit3.training.config import RunConfig, resolve_paths
 from beit3.training.logging import RunLogger, format_summary, logger, setup_console_logging
 from beit3.training.evaluation import count_tokens, evaluate_batches
 from beit3.training.optim import WarmupCosineSchedule, WeightEma, param_groups
@@ -66,6 +66,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "summary.json", "run.yaml", "tensorboard")
+"""What a run writes into its ``train.output_dir`` (``train.overwrite`` deletes exactly these)."""
+
+
+def previous_run_files(output_dir: Path) -> list[Path]:
+    """The results of a run already in ``output_dir``: its checkpoints, ``final/``, ``summary.json``.
+    (A run killed before its first checkpoint left nothing to resume; a fresh run replaces it.)"""
+    found = []
+    if ckpt.list_checkpoints(output_dir / "checkpoints"):
+        found.append(output_dir / "checkpoints")
+    found += [output_dir / name for name in ("final", "summary.json") if (output_dir / name).exists()]
+    return found
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """Delete the files a run wrote (:data:`RUN_FILES`), checkpoints first so that a failure half-way
+    never leaves a resumable mix; anything else in the folder stays."""
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+TEXT_LENGTH_OPTIONS = ("max_text_len", "text_length", "caption_length", "max_decode_len")
+"""``task.options`` keys giving a number of text tokens, checked against the model's position table."""
+
+
+def check_text_lengths(model: torch.nn.Module, task: Any, cfg: RunConfig) -> None:
+    """Fail at the start, not at the first batch, when a text length is longer than the model's text
+    position table holds."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_text_length", None)
+    if not isinstance(limit, int):
+        return
+    options = getattr(task, "options", None)
+    options = options if isinstance(options, dict) else cfg.task.options
+    for key in TEXT_LENGTH_OPTIONS:
+        value = options.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            where = ("the pretrained model's" if cfg.model.pretrained else "model.config") + \
+                f" max_text_positions={config.max_text_positions}"
+            raise ValueError(f"task.options.{key}={value} is longer than the text position table holds: {where} "
+                             f"fits {limit} text tokens (2 rows are unused); set task.options.{key} to at most {limit}")
+
+
 class Trainer:
     """Runs one :class:`RunConfig` with one :class:`TrainTask`.
 
@@ -75,6 +122,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, task: TrainTask) -> None:
         cfg.validate()
+        resolve_paths(cfg)  # run.yaml then means the same from any working folder
         self.cfg = cfg
         self.task = task
         self.output_dir = Path(cfg.train.output_dir)
@@ -87,6 +135,8 @@ class Trainer:
         cfg = self.cfg
         self.dist = D.init_distributed(cfg.parallel.timeout_minutes)
         setup_console_logging(self.dist.is_main)
+        self.threads = D.configure_threads(cfg.train.threads)
+        self._prepare_output_dir()
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         world, rank = self.dist.world_size, self.dist.rank
@@ -96,6 +146,7 @@ class Trainer:
         # Same seed on every process while building, so replicas (and FSDP shards) agree.
         seed_everything(cfg.train.seed)
         model = self.task.build_model(cfg).to(self.dist.device)
+        check_text_lengths(model, self.task, cfg)
         self.patch_size = int(getattr(getattr(model, "config", None), "patch_size", 16))
         self.train_set, self.val_set = self.task.build_datasets(cfg)
         seed_everything(cfg.train.seed + rank)
@@ -170,6 +221,26 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self._maybe_resume()
 
+    def _prepare_output_dir(self) -> None:
+        """Refuse to start a fresh run over another run's results (unless ``train.overwrite``, which
+        deletes them first): appending to its metrics, overwriting its ``final/`` and later resuming
+        its checkpoints would mix two runs. Resuming (``train.resume``) continues the run that is there."""
+        problem = None
+        if self.dist.is_main and self.cfg.train.resume is None:
+            previous = previous_run_files(self.output_dir)
+            if previous and self.cfg.train.overwrite:
+                logger.info("train.overwrite: deleting the previous run's %s in %s",
+                            ", ".join(p.name for p in previous), self.output_dir)
+                clear_previous_run(self.output_dir)
+            elif previous:
+                problem = (f"{self.output_dir} already holds a run ({', '.join(p.name for p in previous)}); "
+                           "pass --resume auto to continue it, --overwrite to delete it and start afresh, "
+                           "or choose another --output-dir")
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise ValueError(problem)
+        D.barrier()
+
     def _resume_path(self) -> Path | None:
         choice = self.cfg.train.resume
         if choice is None:
@@ -197,7 +268,25 @@ class Trainer:
             set_model_state_dict(self.raw_model, ema_state, options=load_opts)
             self.ema.swap(self.raw_model)
         set_model_state_dict(self.raw_model, model_state, options=load_opts)
-        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state_dict=state["optimizer"], options=load_opts)
+        # Parameters that never received a gradient (text embeddings in image-only fine-tuning) have no
+        # optimizer state: check the rest matches exactly, then let torch accept those without state.
+        names: dict[int, list[str]] = {}
+        for name, param in self.raw_model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        trainable = [names[id(p)][0] for group in self.optimizer.param_groups for p in group["params"]]
+        aliases = {alias: known[0] for known in names.values() for alias in known[1:]}
+        stateless = ckpt.check_optimizer_state(trainable, state["optimizer"], aliases)
+        if stateless:
+            logger.info("resume: %d parameter(s) never received a gradient and have no optimizer state (e.g. %s)",
+                        len(stateless), stateless[0])
+        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        # torch initialises every state with a zero-gradient step before loading; drop that for the
+        # parameters without saved state, so they stay as they were (AdamW starts them at their first
+        # gradient), exactly as in the run that wrote the checkpoint.
+        by_name = dict(self.raw_model.named_parameters())
+        for name in stateless:
+            self.optimizer.state.pop(by_name[name], None)
         self.schedule.load_state_dict(state["schedule"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -394,7 +483,7 @@ class Trainer:
         is_main = self.dist.is_main
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "run.yaml").write_text(cfg.to_yaml())
+            atomic_write_text(self.output_dir / "run.yaml", cfg.to_yaml())
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         run_log = RunLogger(self.output_dir, enabled=is_main, total_steps=self.total_steps,
                             start_step=self.step, progress_bar=cfg.train.progress_bar)
@@ -483,7 +572,7 @@ class Trainer:
             "output_dir": str(self.output_dir),
         }
         if is_main:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             logger.info(format_summary(summary))
         result = TrainResult(
             stop_reason=stop_reason,
