@@ -51,7 +51,7 @@ def test_vqa_top_k_are_sigmoid_scores_of_the_logits_with_names(folders, tokenize
     (folder / "labels.txt").write_text("yes\nno\nred\ntwo\n")
     vqa = pipeline("vqa", folder)
     assert vqa.labels == ["yes", "no", "red", "two"] and vqa.labels_source == str(folder / "labels.txt")
-    text = tokenizer(["what colour?"] * 3, max_length=64)
+    text = tokenizer(["what colour?"] * 3, max_length=64, padding="max_length", truncation=True, return_tensors="pt")
     probs = vqa.model(pixels("vqav2", images), **text).logits.sigmoid()
     results = vqa(images, "what colour?", top_k=2)
     for row, result in zip(probs, results):
@@ -90,7 +90,7 @@ def test_nlvr2_probability_is_softmax_true(folders, tokenizer, images):
     pairs = [(images[0], images[1]), (images[2], images[0])]
     statements = ["two dogs", "a red circle"]
     pair_pixels = pixels("nlvr2", [im for pair in pairs for im in pair]).view(2, 2, 3, 32, 32)
-    expected = judge.model(pair_pixels, **tokenizer(statements, max_length=64)).logits.softmax(-1)[:, 1]
+    expected = judge.model(pair_pixels, **tokenizer(statements, max_length=64, padding="max_length", truncation=True, return_tensors="pt")).logits.softmax(-1)[:, 1]
     results = judge(pairs, statements)
     assert [r["probability"] for r in results] == pytest.approx(expected.tolist(), abs=1e-6)
     assert [r["true"] for r in results] == [p >= 0.5 for p in expected.tolist()]
@@ -105,7 +105,7 @@ def test_zero_shot_averages_prompt_embeddings_like_a_hand_computation(folders, t
     model = zero_shot.model
     by_hand = []
     for name in ["red circle", "blue square"]:
-        per_prompt = [model.encode_text(**tokenizer(t.format(name), max_length=64))[0] for t in templates]
+        per_prompt = [model.encode_text(**tokenizer(t.format(name), max_length=64, padding="max_length", truncation=True, return_tensors="pt"))[0] for t in templates]
         by_hand.append(F.normalize(torch.stack(per_prompt).mean(0), dim=-1))
     by_hand = torch.stack(by_hand)
     torch.testing.assert_close(zero_shot.class_embeds, by_hand, atol=1e-5, rtol=1e-5)
@@ -147,7 +147,7 @@ def test_training_run_folder_gives_tokenizer_answers_and_text_length(tokenizer, 
     vqa = pipeline("vqa", run / "final")
     assert vqa.labels == ["no", "yes", "blue"] and vqa.labels_source == str(root / "answers.txt")
     assert vqa.max_length == 16 and vqa.tokenizer.vocab_size == tokenizer.vocab_size
-    expected = model.eval()(pixels("vqav2", images[:1]), **tokenizer("is it?", max_length=16)).logits.sigmoid()
+    expected = model.eval()(pixels("vqav2", images[:1]), **tokenizer("is it?", max_length=16, padding="max_length", truncation=True, return_tensors="pt")).logits.sigmoid()
     assert vqa(images[0], "is it?", top_k=1)[0]["score"] == pytest.approx(expected.max().item(), abs=1e-6)
 
     # a run without any tokenizer: the error says what to pass
@@ -171,7 +171,79 @@ def test_save_pretrained_makes_a_self_contained_folder(folders, images, tmp_path
 
 
 def test_wrong_model_kind_names_the_right_pipeline(folders):
-    with pytest.raises(ValueError, match=r"Beit3ForCaptioning.*'captioning' pipeline.*beit3 predict caption"):
+    with pytest.raises(ValueError, match=r"model in .*captioning is a captioning model \(Beit3ForCaptioning\); task "
+                       r"vqav2 needs Beit3ForVisualQuestionAnswering: use the 'captioning' pipeline.*predict caption"):
         pipeline("vqa", folders["captioning"])
     with pytest.raises(ValueError, match="unknown pipeline task 'translate'"):
         pipeline("translate", folders["vqa"])
+
+
+def test_caption_settings_come_from_the_run_and_a_caption_is_never_empty(tokenizer, images, tmp_path):
+    """Issue 21 item 12: the run's beams and length, and EOS held back until a word is said."""
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model = tiny_model("captioning", tokenizer)
+    with torch.no_grad():
+        model.mlm_head.bias[tokenizer.eos_token_id] = 50.0  # an untrained model that would stop at once
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
+    (run / "run.yaml").write_text("task:\n  name: captioning\n  options:\n    num_beams: 2\n    max_text_len: 7\n"
+                                  "    length_penalty: 1.0\n")
+    captioner = pipeline("captioning", run / "final", device="cpu")
+    assert captioner.generation == {"num_beams": 2, "max_length": 7, "length_penalty": 1.0, "min_length": 3}
+    captions = captioner(images)
+    assert all(c["caption"].strip() for c in captions)
+    ids = captioner.model.generate(pixels("captioning", images), num_beams=2, max_length=7, length_penalty=1.0,
+                                   min_length=3)
+    assert captions == [{"caption": text} for text in tokenizer.batch_decode(ids)]
+    assert captioner(images[0], min_length=2) == {"caption": ""}  # an empty caption only when asked for
+
+
+def test_the_mask_token_comes_from_the_tokenizer(tokenizer, images, tmp_path):
+    """Issue 21 item 15: a folder whose config.json lacks the mask id still loads and captions."""
+    folder = tmp_path / "cap"
+    torch.manual_seed(1)
+    tiny_model("captioning", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["head"] = {}
+    (folder / "config.json").write_text(json.dumps(meta))
+    captioner = pipeline("captioning", folder, device="cpu")
+    assert captioner.model.mask_token_id is None and captioner.mask_token_id == tokenizer.mask_token_id
+    ids = captioner.model.generate(pixels("captioning", images), num_beams=1, max_length=6,
+                                   mask_token_id=tokenizer.mask_token_id)
+    assert captioner(images, num_beams=1, max_length=6) == [{"caption": t} for t in tokenizer.batch_decode(ids)]
+    with pytest.raises(ValueError, match="mask token id 4000 is outside the model's vocabulary"):
+        pipeline("captioning", folder, mask_token_id=4000)
+
+
+def test_devices_this_machine_lacks_fail_in_one_clear_line(monkeypatch):
+    """Issue 21 item 19."""
+    from beit3.pipelines import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'; use auto or one of: cpu"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU on this machine; use auto or one of: cpu"):
+        resolve_device("cuda:0")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_empty_questions_statements_and_top_k_below_one_are_refused(folders, images):
+    """Issue 21 item 17."""
+    vqa = pipeline("vqa", folders["vqa"], device="cpu")
+    for question in ("", "   "):
+        with pytest.raises(ValueError, match="question 1 is empty"):
+            vqa(images[0], question)
+    with pytest.raises(ValueError, match="question 2 is empty"):
+        vqa(images[:2], ["what?", ""])
+    for top_k in (0, -1):
+        with pytest.raises(ValueError, match="top_k must be a whole number of at least 1"):
+            vqa(images[0], "what?", top_k=top_k)
+        with pytest.raises(ValueError, match="top_k must be"):
+            pipeline("classification", folders["classification"])(images[0], top_k=top_k)
+        with pytest.raises(ValueError, match="top_k must be"):
+            pipeline("zero-shot", folders["zero-shot"], classes=["cat", "dog"])(images[0], top_k=top_k)
+    with pytest.raises(ValueError, match="statement 1 is empty"):
+        pipeline("nlvr2", folders["nlvr2"])((images[0], images[1]), " ")

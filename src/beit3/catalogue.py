@@ -67,6 +67,8 @@ class TaskSpec:
     predictions to save, optional toolkits); see :mod:`beit3.tasks.commands`."""
     pipeline: str | None = None
     """``module:Class`` of the inference pipeline."""
+    hub_pipeline_tag: str | None = None
+    """The Hugging Face Hub's ``pipeline_tag`` for the task's model cards."""
     verb: str | None = None
     """``beit3 predict <verb>`` (also accepted by ``pipeline()``)."""
     predict: str | None = None
@@ -137,7 +139,10 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED = True
-    importlib.import_module("beit3.tasks")  # registers the built-in tasks
+    from beit3.tasks import BUILTIN_TASK_MODULES
+
+    for module in BUILTIN_TASK_MODULES:  # each registers its tasks on import
+        importlib.import_module(module)
     from importlib.metadata import entry_points
 
     for entry in entry_points(group=ENTRY_POINT_GROUP):

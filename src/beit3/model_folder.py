@@ -100,3 +100,63 @@ def text_length(model_dir: Path | None, default: int = 64) -> int:
     if (model_dir / PROCESSOR_CONFIG).is_file():
         return int(json.loads((model_dir / PROCESSOR_CONFIG).read_text(encoding="utf-8")).get("max_length", default))
     return int(run_setting(find_run_config(model_dir), "task", "options", "max_text_len") or default)
+
+
+def model_architecture(model_dir: str | os.PathLike) -> str | None:
+    """The model class recorded in a model folder's ``config.json`` (None when there is none)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("architecture")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def model_kind(architecture: str | None) -> tuple[str, Any]:
+    """(what a model of ``architecture`` is for, in words; the catalogue task it serves or None)."""
+    from beit3.catalogue import all_tasks
+
+    spec = next((s for s in all_tasks().values()
+                 if s.model_class is not None and s.model_class.__name__ == architecture), None)
+    if spec is not None:
+        return f"a {spec.name} model", spec
+    if architecture == "Beit3Model":
+        return "a pretrained backbone (no task head)", None
+    return "an unknown kind of model", None
+
+
+def check_model_kind(model_dir: str | os.PathLike, cls: type, task: str, advice: Any = None) -> None:
+    """Refuse a model folder holding another task's model, in one line that names both:
+    "model in DIR is a <kind> model (Beit3ForX); task <name> needs Beit3ForY". ``advice(spec)``
+    adds what to run instead when the folder's model serves another task of the catalogue."""
+    architecture = model_architecture(model_dir)
+    if architecture is None or architecture == cls.__name__:
+        return
+    kind, spec = model_kind(architecture)
+    hint = f": {advice(spec)}" if advice is not None and spec is not None else ""
+    if spec is None and architecture == "Beit3Model":
+        hint = f": fine-tune it first (`beit3 finetune`, task.name={task})"
+    raise ValueError(f"model in {model_dir} is {kind} ({architecture}); task {task} needs {cls.__name__}{hint}")
+
+
+CAPTION_DEFAULTS: dict[str, Any] = {"num_beams": 3, "max_length": 32, "length_penalty": 0.6, "min_length": 3}
+"""Beam search settings of a captioning model without a training run (the release's)."""
+
+
+def caption_settings(model_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Beam search settings of a captioning model: its training run's ``task.options`` (``num_beams``,
+    ``length_penalty``, ``max_decode_len`` else ``max_text_len`` as ``max_length``, as ``beit3
+    evaluate`` decodes), else :data:`CAPTION_DEFAULTS`."""
+    settings = dict(CAPTION_DEFAULTS)
+    if model_dir is None or not Path(model_dir).is_dir():
+        return settings
+    run = find_run_config(model_dir)
+    found = {"num_beams": run_setting(run, "task", "options", "num_beams"),
+             "length_penalty": run_setting(run, "task", "options", "length_penalty"),
+             "max_length": run_setting(run, "task", "options", "max_decode_len")
+             or run_setting(run, "task", "options", "max_text_len"),
+             "min_length": run_setting(run, "task", "options", "min_decode_len")}
+    casts = {"num_beams": int, "max_length": int, "length_penalty": float, "min_length": int}
+    settings.update({key: casts[key](value) for key, value in found.items() if value is not None})
+    return settings

@@ -18,7 +18,6 @@ dicts of strings, floats and booleans.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,9 +28,13 @@ import torch
 
 from beit3.catalogue import TaskSpec, get_task, iter_tasks, spec_for_model
 from beit3.model_folder import (
+    CAPTION_DEFAULTS,
     TokenizerInput,
+    caption_settings,
+    check_model_kind,
     find_run_config,
     load_image_processor,
+    model_kind,
     resolve_tokenizer,
     run_setting,
     text_length,
@@ -130,30 +133,65 @@ def resolve_label_names(model_dir: Path | None, count: int, given: Sequence[str]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"``: the GPU when there is one, else the CPU."""
+    """``None`` or ``"auto"``: the GPU when there is one, else the CPU. Anything else must name a
+    device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``); otherwise a ``ValueError``
+    says in one line what is available."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but PyTorch sees no CUDA GPU; use cpu")
-    return device
+    available = ["cpu"] + ([f"cuda (cuda:0..cuda:{torch.cuda.device_count() - 1})"] if torch.cuda.is_available() else [])
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        available.append("mps")
+    choices = f"use auto or one of: {', '.join(available)}"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)!r}; {choices}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {resolved} asked for, but PyTorch sees no CUDA GPU on this machine; {choices}")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {resolved} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s); {choices}")
+    elif resolved.type == "mps":
+        if "mps" not in available:
+            raise ValueError(f"device {resolved} asked for, but PyTorch has no MPS (Apple GPU) here; {choices}")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {resolved} is not supported here; {choices}")
+    return resolved
+
+
+def _run_instead(spec: TaskSpec) -> str:
+    return f"use the '{spec.name}' pipeline (`beit3 predict {spec.verb}`)" if spec.verb else f"use task {spec.name}"
 
 
 def load_model(model: ModelInput, cls: type[Beit3PreTrainedModel], name: str) -> Beit3PreTrainedModel:
     """``model`` as an instance of ``cls``, with an error that names the right task when it is another head."""
     if isinstance(model, Beit3PreTrainedModel):
         if not isinstance(model, cls):
-            raise ValueError(f"the {name} pipeline needs a {cls.__name__}, got a {type(model).__name__}")
+            kind, spec = model_kind(type(model).__name__)
+            hint = f": {_run_instead(spec)}" if spec is not None else ""
+            raise ValueError(f"the model given is {kind} ({type(model).__name__}); task {name} needs "
+                             f"{cls.__name__}{hint}")
         return model
     path = Path(model)
-    config = path / "config.json"
-    if path.is_dir() and config.is_file():
-        architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
-        if architecture != cls.__name__:
-            other = next((s for s in iter_tasks(having="pipeline") if s.model_class.__name__ == architecture), None)
-            hint = f" (use the '{other.name}' pipeline, `beit3 predict {other.verb}`)" if other else ""
-            raise ValueError(f"{path} holds a {architecture}; the {name} pipeline needs a {cls.__name__}{hint}")
+    if path.is_dir():
+        check_model_kind(path, cls, name, _run_instead)
     return cls.from_pretrained(path)
+
+
+def _check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+
+
+def _check_texts(texts: Sequence[str], what: str) -> None:
+    """Refuse empty (or blank) questions and statements: the model would answer nothing asked."""
+    for number, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            raise ValueError(f"{what} {number} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise ValueError(f"{what} {number} is empty; ask something (e.g. 'what colour is the car?')"
+                             if what == "question" else f"{what} {number} is empty; give the sentence to judge")
 
 
 # ------------------------------------------------------------------ pipelines
@@ -200,6 +238,7 @@ class Pipeline:
     def from_pretrained(cls, model: ModelInput, *, tokenizer: TokenizerInput = None, batch_size: int = 8,
                         device: str | torch.device | None = None, **options: Any) -> "Pipeline":
         """Load the model and what goes with it from a model folder (see the module docstring)."""
+        device = resolve_device(device)  # before loading: a device this machine lacks fails at once
         model_dir = Path(model) if not isinstance(model, Beit3PreTrainedModel) else None
         spec = cls.spec()
         instance = load_model(model, cls.model_class, spec.name)
@@ -228,7 +267,7 @@ class Pipeline:
         return self.image_processor(list(images))["pixel_values"].to(self.device)
 
     def _text(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(list(texts), max_length=self.max_length)
+        encoded = self.tokenizer(list(texts), max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in encoded.items()}
 
 
@@ -260,24 +299,56 @@ class _LabelledPipeline(Pipeline):
         return directory
 
     def _top_k(self, probabilities: torch.Tensor, top_k: int, key: str) -> list[list[dict[str, Any]]]:
+        _check_top_k(top_k)
         scores, indices = probabilities.float().topk(min(top_k, probabilities.shape[-1]), dim=-1)
         return [[{key: self.labels[i], "score": s} for s, i in zip(row_scores, row_indices)]
                 for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
 
 
 class CaptioningPipeline(Pipeline):
-    """image(s) -> ``{"caption": str}``, by beam search with the key/value cache."""
+    """image(s) -> ``{"caption": str}``, by beam search with the key/value cache.
+
+    The beam settings (``num_beams``, ``max_length``, ``length_penalty``, ``min_length``) default
+    to the model's training run (what ``beit3 evaluate`` decodes with), else the release's; a call
+    may override each. The ``<mask>`` id that decoding needs comes from the tokenizer
+    (``mask_token_id=`` overrides it).
+    """
 
     model_class = Beit3ForCaptioning
 
+    def __init__(self, model: Beit3PreTrainedModel, image_processor: Beit3ImageProcessor,
+                 tokenizer: Beit3Tokenizer | None = None, *, generation: dict[str, Any] | None = None,
+                 mask_token_id: int | None = None, **kwargs: Any) -> None:
+        super().__init__(model, image_processor, tokenizer, **kwargs)
+        unknown = set(generation or {}) - set(CAPTION_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s) {sorted(unknown)}; known: {sorted(CAPTION_DEFAULTS)}")
+        self.generation = {**CAPTION_DEFAULTS, **(generation or {})}
+        if mask_token_id is None:
+            mask_token_id = self.tokenizer.mask_token_id if self.tokenizer is not None else self.model.mask_token_id
+        vocab = self.model.config.vocab_size
+        if mask_token_id is None or not 0 <= int(mask_token_id) < vocab:
+            raise ValueError(f"mask token id {mask_token_id} is outside the model's vocabulary ({vocab} rows): pass "
+                             "the tokenizer the model was trained with, or mask_token_id= (--mask-token-id N)")
+        self.mask_token_id = int(mask_token_id)
+
+    @classmethod
+    def _options_from_folder(cls, model_dir, model, options):
+        return {**options, "generation": {**caption_settings(model_dir), **(options.get("generation") or {})}}
+
     @torch.no_grad()
-    def __call__(self, images: ImageInput | list[ImageInput], *, num_beams: int = 3, max_length: int = 32,
-                 length_penalty: float = 0.6) -> dict[str, str] | list[dict[str, str]]:
+    def __call__(self, images: ImageInput | list[ImageInput], *, num_beams: int | None = None,
+                 max_length: int | None = None, length_penalty: float | None = None,
+                 min_length: int | None = None) -> dict[str, str] | list[dict[str, str]]:
+        given = {"num_beams": num_beams, "max_length": max_length, "length_penalty": length_penalty,
+                 "min_length": min_length}
+        settings = {**self.generation, **{k: v for k, v in given.items() if v is not None}}
+        if min_length is None:  # the run's default never exceeds a shorter max_length asked for
+            settings["min_length"] = min(settings["min_length"], settings["max_length"])
         batch = list(images) if _is_batch(images) else [images]
         results = []
         for chunk in _batched(batch, self.batch_size):
-            ids = self.model.generate(self._pixels(chunk), num_beams=num_beams, max_length=max_length,
-                                      length_penalty=length_penalty)
+            ids = self.model.generate(self._pixels(chunk), mask_token_id=self.mask_token_id, **settings)
             results += [{"caption": text} for text in self.tokenizer.batch_decode(ids.cpu())]
         return results if _is_batch(images) else results[0]
 
@@ -300,6 +371,8 @@ class VQAPipeline(_LabelledPipeline):
         asked = [questions] * len(batch) if isinstance(questions, str) else list(questions)
         if len(asked) != len(batch):
             raise ValueError(f"{len(batch)} images but {len(asked)} questions: give one question, or one per image")
+        _check_texts(asked, "question")
+        _check_top_k(top_k)
         results = []
         for chunk in _batched(list(zip(batch, asked)), self.batch_size):
             pictures, texts = zip(*chunk)
@@ -318,6 +391,7 @@ class ClassificationPipeline(_LabelledPipeline):
     @torch.no_grad()
     def __call__(self, images: ImageInput | list[ImageInput], *,
                  top_k: int = 5) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        _check_top_k(top_k)
         batch = list(images) if _is_batch(images) else [images]
         results = []
         for chunk in _batched(batch, self.batch_size):
@@ -345,6 +419,7 @@ class VisualReasoningPipeline(Pipeline):
             raise ValueError(f"{len(batch)} image pairs but {len(said)} statements")
         if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in batch):
             raise ValueError("image pairs must be (left, right) tuples")
+        _check_texts(said, "statement")
         results = []
         for chunk in _batched(list(zip(batch, said)), self.batch_size):
             chunk_pairs, texts = zip(*chunk)
@@ -401,6 +476,7 @@ class ZeroShotPipeline(Pipeline):
             self.set_classes(classes)
         if self.class_embeds is None:
             raise ValueError("no classes to choose from: pass classes=[...] (here or when building the pipeline)")
+        _check_top_k(top_k)
         batch = list(images) if _is_batch(images) else [images]
         scale = self.model.logit_scale.exp().float()
         results = []

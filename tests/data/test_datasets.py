@@ -153,3 +153,40 @@ def test_empty_dataset_is_an_error_before_training(tmp_path):
     with pytest.raises(EmptyDatasetError):
         write_jsonl(tmp_path / "never.jsonl", [])
     assert not (tmp_path / "never.jsonl").exists()
+
+
+def test_labels_outside_the_head_name_the_index_file_line_and_value(tmp_path):
+    """Issue 21 item 17: checked when the dataset is built (not a crash at step 1, not a silent pass)."""
+    index = tmp_path / "cls.jsonl"
+    index.write_text('{"image_path": "a.png", "label": 1}\n\n{"image_path": "b.png", "label": 3}\n')
+    assert len(ImageClassificationDataset(index, num_classes=4)) == 2
+    with pytest.raises(IndexFormatError, match=r"cls\.jsonl:3: label 3 is outside 0\.\.2 \(3 classes"):
+        ImageClassificationDataset(index, num_classes=3)
+    index.write_text('{"image_path": "a.png", "label": "cat"}\n')
+    with pytest.raises(IndexFormatError, match=r"cls\.jsonl:1: label 'cat' is not a whole number"):
+        ImageClassificationDataset(index, num_classes=3)
+
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text('{"image_path": "a.png", "text": "q", "qid": 1, "labels": [0, 5], "scores": [1.0, 0.3]}\n')
+    assert len(VQADataset(vqa, num_labels=6)) == 1
+    with pytest.raises(IndexFormatError, match=r"vqa\.jsonl:1: answer label 5 is outside 0\.\.3"):
+        VQADataset(vqa, num_labels=4)
+
+    pairs = tmp_path / "nlvr2.jsonl"
+    pairs.write_text('{"image_path": "a.png", "image2_path": "b.png", "text": "s", "label": 1}\n'
+                     '{"image_path": "a.png", "image2_path": "b.png", "text": "s", "label": 2}\n')
+    with pytest.raises(IndexFormatError, match=r"nlvr2\.jsonl:2: label 2 is not 0 \(false\) or 1 \(true\)"):
+        NLVR2Dataset(pairs)
+
+
+def test_unreadable_rows_are_recorded_for_evaluation(index_with_bad_images):
+    """Issue 21 item 10: the substitute keeps training batches full; bad_rows says which rows it replaced."""
+    dataset = ImageClassificationDataset(index_with_bad_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        for i in range(len(dataset)):
+            dataset[i]
+    assert sorted(dataset.bad_rows) == [i for i, (_, row) in enumerate(dataset.rows)
+                                        if "missing" in row["image_path"] or "corrupt" in row["image_path"]]
+    assert {"corrupt.png", "missing.png"} == {name for name in ("corrupt.png", "missing.png")
+                                             for reason in dataset.bad_rows.values() if name in reason}

@@ -145,8 +145,27 @@ def test_cider_d_perfect_caption_beats_wrong_one():
 
 @pytest.mark.slow  # ~15 s: starts Java for the PTB tokenizer and METEOR
 @pytest.mark.skipif(shutil.which("java") is None, reason="PTB tokenizer and METEOR need java")
-def test_coco_caption_scores_runs_the_coco_toolkit():
+def test_coco_caption_scores_runs_the_coco_toolkit(capfd):
     pytest.importorskip("pycocoevalcap")
     scores = coco_caption_scores(PREDICTIONS, CAPTIONS)
+    assert capfd.readouterr().out == ""  # the toolkit's chatter went to stderr
     assert set(scores) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
     assert 0 < scores["bleu1"] <= 1 and 0 < scores["cider"] < 10
+
+
+def test_stdout_to_stderr_moves_python_and_subprocess_output(capfd):
+    """Issue 21 item 9: what the COCO toolkit (Python and Java) prints must not reach stdout."""
+    import os
+    import subprocess
+    import sys
+
+    from beit3.tasks.metrics import stdout_to_stderr
+
+    with stdout_to_stderr():
+        print("python chatter")
+        os.write(1, b"fd chatter\n")
+        subprocess.run([sys.executable, "-c", "print('child chatter')"], check=True)
+    print("result")
+    captured = capfd.readouterr()
+    assert captured.out == "result\n"
+    assert all(text in captured.err for text in ("python chatter", "fd chatter", "child chatter"))

@@ -38,14 +38,14 @@ def test_caption_reports_each_bad_file_and_captions_the_rest(folders, photos, tm
                  "--num-beams", "2", "--max-length", "6", "--output", str(out), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     skipped = [line for line in captured.err.splitlines() if line.startswith("skipped ")]
-    assert len(skipped) == 4
-    reasons = {"corrupt": "truncated", "huge": "exceeds limit", "empty": "empty (0 bytes)",
-               "text": "not an image format"}
-    for name, path in bad.items():
-        (line,) = [line for line in skipped if line.startswith(f"skipped {path}:")]
-        assert reasons[name] in line
+    assert len(skipped) == 3  # the text file in the folder is ignored by its suffix, and counted
+    assert f"1 non-image file in folders ignored (e.g. {bad['text']})" in captured.err
+    reasons = {"corrupt": "truncated", "huge": "exceeds limit", "empty": "empty (0 bytes)"}
+    for name, reason in reasons.items():
+        (line,) = [line for line in skipped if line.startswith(f"skipped {bad[name]}:")]
+        assert reason in line
     written = json.loads(out.read_text())
-    assert written["task"] == "caption" and {s["file"] for s in written["skipped"]} == {str(p) for p in bad.values()}
+    assert written["task"] == "caption" and {s["file"] for s in written["skipped"]} == {str(bad[n]) for n in reasons}
     expected = pipeline("captioning", folders["captioning"])(good, num_beams=2, max_length=6)
     assert written["predictions"] == [{"image": str(p), **e} for p, e in zip(good, expected)]
     assert str(good[2]) in captured.out.splitlines()[-1]  # the table lists every image
@@ -127,7 +127,7 @@ def test_zero_shot_evaluates_a_class_folder(folders, tmp_path, capsys):
     assert main(["predict", "zero-shot", "--model", str(folders["zero-shot"]), "--classes", str(classes),
                  "--evaluate", "--top-k", "1", "--output", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "notes.txt: not an image format" in captured.err
+    assert "1 non-image file in folders ignored" in captured.err and "notes.txt" in captured.err
     written = json.loads(out.read_text())
     assert written["classes"] == ["blue square", "red circle"]
     predictions = written["predictions"]
@@ -179,3 +179,91 @@ def test_every_kind_has_help_with_examples(kind, capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and f"beit3 predict {kind}" in text
+
+
+def test_caption_uses_the_runs_beam_settings_and_says_which(tokenizer, photos, tmp_path):
+    """Issue 21 items 12, 15: defaults from run.yaml beside the model; --min-length; --mask-token-id."""
+    from tests.faults import run_cli
+    from tests.tiny_pipelines import save_model_folder
+
+    _, good, _ = photos
+    folder = save_model_folder("captioning", tokenizer, tmp_path / "run" / "final")
+    (tmp_path / "run" / "run.yaml").write_text("task:\n  options:\n    num_beams: 2\n    max_decode_len: 6\n")
+    out = tmp_path / "captions.json"
+    code, _, err = run_cli(["predict", "caption", "--model", folder, good[0], "--output", out, "--device", "cpu"])
+    assert code == 0, err
+    written = json.loads(out.read_text())
+    assert written["generation"] == {"num_beams": 2, "max_length": 6, "length_penalty": 0.6, "min_length": 3}
+    expected = pipeline("captioning", folder)(good[0], num_beams=2, max_length=6)
+    assert written["predictions"][0]["caption"] == expected["caption"] != ""
+    code, _, err = run_cli(["predict", "caption", "--model", folder, good[0], "--output", out, "--min-length", "4",
+                            "--num-beams", "1", "--mask-token-id", str(tokenizer.mask_token_id)])
+    assert code == 0, err
+    assert json.loads(out.read_text())["generation"] == {"num_beams": 1, "max_length": 6, "length_penalty": 0.6,
+                                                         "min_length": 4}
+    code, _, err = run_cli(["predict", "caption", "--model", folder, good[0], "--mask-token-id", "999"])
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "mask token id 999 is outside the model's vocabulary" in last
+
+
+def test_bad_text_top_k_and_device_fail_in_one_line_before_any_work(folders, photos, tmp_path, monkeypatch):
+    """Issue 21 items 17, 19: empty questions / statements, a device this machine lacks."""
+    import torch
+
+    import beit3.pipelines
+    from tests.faults import assert_one_line_error, run_cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    _, good, _ = photos
+    monkeypatch.setattr(beit3.pipelines, "load_model", no_load)
+    code, _, err = run_cli(["predict", "vqa", "--model", folders["vqa"], "--question", "what?", "--question", " ",
+                            good[0]])
+    assert_one_line_error(code, err, "--question is empty (number 2 of 2)")
+    code, _, err = run_cli(["predict", "nlvr2", "--model", folders["nlvr2"], "--statement", "", good[0], good[1]])
+    assert_one_line_error(code, err, "--statement is empty")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"left,right,statement\n{good[0]},{good[1]},two dogs\n{good[0]},{good[1]},\n")
+    code, _, err = run_cli(["predict", "nlvr2", "--model", folders["nlvr2"], "--pairs", pairs])
+    assert_one_line_error(code, err, f"the statement is empty in {pairs}, row 2")
+    code, _, err = run_cli(["predict", "classify", "--model", folders["classification"], "--top-k", "0", good[0]])
+    assert_one_line_error(code, err, "--top-k must be at least 1")
+    code, _, err = run_cli(["predict", "classify", "--model", folders["classification"], "--device", "tpu", good[0]])
+    assert_one_line_error(code, err, "unknown device 'tpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(["predict", "caption", "--model", folders["captioning"], "--device", "cuda", good[0]])
+    assert_one_line_error(code, err, "device cuda asked for, but PyTorch sees no CUDA GPU")
+
+
+def test_recursive_enters_sub_folders(folders, tmp_path):
+    """Issue 21 item 13: sub-folders only with --recursive."""
+    from tests.faults import run_cli
+
+    top = write_images(tmp_path / "photos", 2)
+    deep = write_images(tmp_path / "photos" / "more", 1, seed=3)
+    out = tmp_path / "labels.json"
+    args = ["predict", "classify", "--model", folders["classification"], tmp_path / "photos", "--output", out]
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    assert [p["image"] for p in json.loads(out.read_text())["predictions"]] == [str(p) for p in top]
+    code, _, err = run_cli(args + ["--recursive"])
+    assert code == 0, err
+    assert sorted(p["image"] for p in json.loads(out.read_text())["predictions"]) == sorted(map(str, top + deep))
+
+
+def test_output_in_a_read_only_folder_fails_at_the_start(folders, photos, tmp_path, monkeypatch):
+    """Issue 21 item 2: no model is loaded, no image read."""
+    import beit3.pipelines
+    from tests.faults import assert_one_line_error, read_only_dir, run_cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(beit3.pipelines, "load_model", no_load)
+    _, good, _ = photos
+    with read_only_dir(tmp_path) as folder:
+        code, out, err = run_cli(["predict", "classify", "--model", folders["classification"], good[0],
+                                  "--output", folder / "labels.csv"])
+    assert_one_line_error(code, err, str(folder))
+    assert out == ""

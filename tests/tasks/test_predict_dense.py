@@ -49,6 +49,29 @@ def test_predict_segmentation_skips_bad_files_and_draws_the_rest(tmp_path, image
     Beit3ForSemanticSegmentation(TINY, num_labels=3, out_channels=32).save_pretrained(tmp_path / "seg")
     assert main(["predict", "segmentation", str(images), "--model", str(tmp_path / "seg"), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
-    assert all(f"skipped {path}:" in err for path in bad.values())
+    assert all(f"skipped {path}:" in err for name, path in bad.items() if name != "text")
+    assert f"non-image file in folders ignored (e.g. {bad['text']})" in err  # by its suffix
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["0.png", "1.png", "2.png"]
     assert len(json.loads((tmp_path / "o" / "predictions.json").read_text())) == 3
+
+
+def test_read_only_out_fails_before_the_model_loads_and_recursive_enters_sub_folders(tmp_path, images, monkeypatch):
+    """Issue 21 items 2 and 13."""
+    import beit3.models
+    from tests.faults import assert_one_line_error, read_only_dir, run_cli
+
+    Beit3ForSemanticSegmentation(TINY, num_labels=3, out_channels=32).save_pretrained(tmp_path / "seg")
+    (images / "more").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(images / "more" / "deep.jpg")
+    code, _, err = run_cli(["predict", "segmentation", images, "--model", tmp_path / "seg", "--out", tmp_path / "o",
+                            "--recursive"])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["0.png", "1.png", "2.png", "deep.png"]
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(beit3.models, "load_any_model", no_load)
+    with read_only_dir(tmp_path) as folder:
+        code, out, err = run_cli(["predict", "segmentation", images, "--model", tmp_path / "seg", "--out", folder])
+    assert_one_line_error(code, err, str(folder))

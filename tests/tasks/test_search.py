@@ -79,7 +79,7 @@ def png_header(path: Path, width: int, height: int) -> Path:
 
 def test_index_stores_encode_image_embeddings_with_a_manifest(tmp_path, model_dir, photos):
     index = ImageIndex(tmp_path / "idx", model=model_dir)
-    report = index.update([photos], batch_size=3, progress=False)
+    report = index.update([photos], recursive=True, batch_size=3, progress=False)
 
     expected_paths = sorted(str(p) for p in [*photos.glob("?.png"), photos / "trip" / "red.jpg"])
     assert sorted(report.added) == expected_paths and report.skipped == []
@@ -100,7 +100,7 @@ def test_index_stores_encode_image_embeddings_with_a_manifest(tmp_path, model_di
 
 def test_an_indexed_image_finds_itself_first_with_score_one(tmp_path, model_dir, photos):
     index = ImageIndex(tmp_path / "idx", model=model_dir)
-    index.update([photos], progress=False)
+    index.update([photos], recursive=True, progress=False)
     for path in [photos / "1.png", photos / "trip" / "red.jpg"]:
         hits = index.search_image(path, k=3)
         assert hits[0].path == str(path) and hits[0].rank == 1
@@ -110,11 +110,11 @@ def test_an_indexed_image_finds_itself_first_with_score_one(tmp_path, model_dir,
 
 def test_text_query_scores_are_the_cosine_similarities(tmp_path, model_dir, photos):
     index = ImageIndex(tmp_path / "idx", model=model_dir)
-    index.update([photos], progress=False)
+    index.update([photos], recursive=True, progress=False)
     hits = index.search_text("a red square", k=10)
 
     model = Beit3ForImageTextRetrieval.from_pretrained(model_dir).eval()
-    tokens = Beit3Tokenizer.from_pretrained(model_dir)(["a red square"], max_length=64)
+    tokens = Beit3Tokenizer.from_pretrained(model_dir)(["a red square"], max_length=64, padding="max_length", truncation=True, return_tensors="pt")
     paths = [r.path for r in index.records]
     with torch.no_grad():
         text = model.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
@@ -135,7 +135,7 @@ def test_exact_top_k_in_chunks_equals_a_full_sort():
 
 
 def test_reindexing_embeds_only_new_and_changed_files(tmp_path, model_dir, photos):
-    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], progress=False)
+    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], recursive=True, progress=False)
 
     index = ImageIndex(tmp_path / "idx")
     calls = count_embedded(index)
@@ -174,7 +174,7 @@ def test_an_interrupted_run_keeps_its_progress_and_the_rerun_resumes(tmp_path, m
 
     index.encoder.model.encode_image = interrupted_on_second_batch
     with pytest.raises(KeyboardInterrupt):
-        index.update([photos], batch_size=2, progress=False)
+        index.update([photos], recursive=True, batch_size=2, progress=False)
     assert len(ImageIndex(tmp_path / "idx")) == 2  # the first batch was saved on the way out
 
     index = ImageIndex(tmp_path / "idx")
@@ -221,7 +221,7 @@ def test_bad_files_are_reported_skipped_and_retried_only_once_changed(tmp_path, 
 
 def test_another_model_is_an_error_naming_both(tmp_path, photos):
     model = save_model(tmp_path / "model", seed=0)
-    ImageIndex(tmp_path / "idx", model=model).update([photos], progress=False)
+    ImageIndex(tmp_path / "idx", model=model).update([photos], recursive=True, progress=False)
     other = save_model(tmp_path / "other", seed=1)
     with pytest.raises(ValueError) as err:
         ImageIndex(tmp_path / "idx", model=other)
@@ -235,7 +235,7 @@ def test_another_model_is_an_error_naming_both(tmp_path, photos):
 
 @pytest.mark.parametrize("failing_write", [1, 2, 3])
 def test_an_interrupted_save_leaves_the_previous_index(tmp_path, model_dir, photos, monkeypatch, failing_write):
-    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], progress=False)
+    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], recursive=True, progress=False)
     before = ImageIndex(tmp_path / "idx")
     save_noise(photos / "late.png", seed=20)
     os.remove(photos / "1.png")
@@ -269,7 +269,7 @@ def test_an_interrupted_save_leaves_the_previous_index(tmp_path, model_dir, phot
 
 def test_faiss_backend_matches_exact_or_says_how_to_install_it(tmp_path, model_dir, photos):
     index = ImageIndex(tmp_path / "idx", model=model_dir)
-    index.update([photos], progress=False)
+    index.update([photos], recursive=True, progress=False)
     exact = index.search_text("red", k=3, backend="exact")
     if faiss_available():
         hits = index.search_text("red", k=3, backend="faiss")
@@ -284,7 +284,7 @@ def test_faiss_backend_matches_exact_or_says_how_to_install_it(tmp_path, model_d
 
 def test_cli_index_and_query_with_table_json_and_csv(tmp_path, model_dir, photos, capsys):
     idx = str(tmp_path / "idx")
-    assert main(["search", "index", "--model", str(model_dir), "--index", idx, str(photos),
+    assert main(["search", "index", "--model", str(model_dir), "--index", idx, str(photos), "--recursive",
                  "--workers", "0", "--no-progress", "--device", "cpu"]) == 0
     assert "4 images (4 added" in capsys.readouterr().out
 
@@ -314,3 +314,135 @@ def test_cli_errors_say_what_to_do(tmp_path, model_dir, capsys):
         with pytest.raises(SystemExit):
             main(["search", action, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- hardening
+def test_folders_are_listed_like_predict_and_sub_folders_need_recursive(tmp_path, model_dir, photos, capsys):
+    index = ImageIndex(tmp_path / "idx", model=model_dir)
+    report = index.update([photos], progress=False)  # not recursive: trip/ is counted, not entered
+    assert sorted(report.added) == sorted(str(p) for p in photos.glob("?.png"))
+    err = capsys.readouterr().err
+    assert "1 non-image file in folders ignored" in err and str(photos / "notes.txt") in err
+    assert "1 sub-folder not entered" in err and "pass --recursive" in err
+
+    red = photos / "trip" / "red.jpg"
+    report = ImageIndex(tmp_path / "idx").update([photos], recursive=True, progress=False)
+    assert report.added == [str(red)] and "sub-folder" not in capsys.readouterr().err
+    # a refresh (no folder given) lists the root recursively, as it was added
+    save_noise(photos / "trip" / "new.png", seed=3)
+    report = ImageIndex(tmp_path / "idx").update(progress=False)
+    assert report.added == [str(photos / "trip" / "new.png")] and report.unchanged == 4
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["recursive_roots"] == [str(photos)]
+
+
+def test_a_training_run_folder_finds_the_tokenizer_its_run_yaml_names(tmp_path, capsys):
+    from beit3.training.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    tokenizer = tmp_path / "tokenizer"
+    Beit3Tokenizer(SPM).save_pretrained(tokenizer)
+    run = tmp_path / "runs" / "coco_retrieval"
+    final = run / "final"
+    torch.manual_seed(0)
+    Beit3ForImageTextRetrieval(Beit3Config.from_preset("tiny")).save_pretrained(final)  # no tokenizer in it
+    config = load_config(configs / "tiny_retrieval.yaml", [f"task.options.tokenizer={tokenizer}",
+                                                           f"train.output_dir={run}"])
+    (run / "run.yaml").write_text(config.to_yaml())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (24, 24), (200, 0, 0)).save(photos / "red.png")
+
+    idx = str(tmp_path / "idx")
+    assert main(["search", "index", "--model", str(final), "--index", idx, str(photos), "--workers", "0",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert main(["search", "query", "--index", idx, "--text", "a red square", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "text: a red square" in out and str(photos / "red.png") in out
+
+
+def test_embeddings_get_the_default_permissions(tmp_path, model_dir, photos):
+    umask = os.umask(0o022)
+    try:
+        ImageIndex(tmp_path / "idx", model=model_dir).update([photos], progress=False)
+    finally:
+        os.umask(umask)
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    for name in (meta["embeddings"], meta["manifest"], "index.json"):
+        assert (tmp_path / "idx" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_damaged_manifest_or_index_file_is_named_with_its_line(tmp_path, model_dir, photos):
+    ImageIndex(tmp_path / "idx", model=model_dir).update([photos], progress=False)
+    meta_file = tmp_path / "idx" / "index.json"
+    manifest = tmp_path / "idx" / json.loads(meta_file.read_text())["manifest"]
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], lines[1][:-5], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError) as err:
+        ImageIndex(tmp_path / "idx")
+    assert str(err.value).startswith(f"{manifest}:2: not valid JSON") and "beit3 search index" in str(err.value)
+
+    meta_file.write_text(meta_file.read_text().replace('"count"', '"count" oops', 1))
+    with pytest.raises(ValueError) as err:
+        ImageIndex(tmp_path / "idx")
+    line = meta_file.read_text().splitlines().index(next(li for li in meta_file.read_text().splitlines()
+                                                         if "oops" in li)) + 1
+    assert str(err.value).startswith(f"{meta_file}:{line}: not valid JSON")
+
+
+def test_a_deleted_folder_is_dropped_from_the_roots_and_said_so(tmp_path, model_dir, photos, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    save_noise(other / "a.png", seed=7)
+    ImageIndex(tmp_path / "idx", model=model_dir).update([photos, other], progress=False)
+    (other / "a.png").unlink()
+    other.rmdir()
+    capsys.readouterr()
+
+    assert main(["search", "index", "--index", str(tmp_path / "idx"), "--no-progress", "--workers", "0",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"indexed folder '{other}' no longer exists: its 1 images are dropped and it is removed" in captured.err
+    assert "removed from the index: " + str(other) in captured.out and "1 removed" in captured.out
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["roots"] == [str(photos)]
+    assert main(["search", "index", "--index", str(tmp_path / "idx"), "--no-progress", "--device", "cpu"]) == 0
+    assert "no longer exists" not in capsys.readouterr().err  # said once, not on every refresh
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, model_dir, photos, capsys):
+    code = main(["search", "index", "--model", str(model_dir), "--index", str(tmp_path / "idx"), str(photos),
+                 "--device", "cuda", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("beit3 search: error:") and "cuda" in err and "cpu" in err
+    assert not (tmp_path / "idx").exists()  # refused before anything was made
+
+
+def test_the_one_image_lister_of_predict_and_search(tmp_path, capsys):
+    from beit3.data import files
+    from beit3.tasks import predict_io
+
+    assert predict_io.list_images is files.list_images and predict_io.InputReport is files.InputReport
+    folder = tmp_path / "in"
+    for name in ("b.png", "a.JPG", "notes.txt", "scan.dat", ".hidden.png", "sub/c.png", "sub/deeper/d.webp",
+                 "other/e.bmp"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    named = tmp_path / "named.dat"  # named explicitly: taken whatever its suffix
+    named.write_bytes(b"x")
+
+    report = files.InputReport()
+    listed = files.list_images([named, folder, tmp_path / "gone.png"], report)
+    assert listed == [named, folder / "a.JPG", folder / "b.png"]
+    assert sorted(report.ignored) == [str(folder / "notes.txt"), str(folder / "scan.dat")]
+    assert sorted(report.not_entered) == [str(folder / "other"), str(folder / "sub")]
+    assert report.skipped == [{"file": str(tmp_path / "gone.png"), "reason": "no such file or folder"}]
+    err = capsys.readouterr().err
+    assert "2 non-image files in folders ignored" in err
+    assert "2 sub-folders not entered" in err and "pass --recursive to include them" in err
+
+    report = files.InputReport()
+    listed = files.list_images([folder], report, recursive=True)
+    assert listed == sorted([folder / "a.JPG", folder / "b.png", folder / "other" / "e.bmp", folder / "sub" / "c.png",
+                             folder / "sub" / "deeper" / "d.webp"])
+    assert report.not_entered == [] and "sub-folder" not in capsys.readouterr().err

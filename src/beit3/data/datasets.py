@@ -7,7 +7,14 @@ model size.
 
 A corrupt or missing image does not stop an epoch: the sample is replaced by the next readable one,
 a warning names the file, and ``skipped`` counts it (per process: each data-loader worker keeps its
-own count). ``strict=True`` raises instead, for checking a new dataset.
+own count). ``strict=True`` raises instead, for checking a new dataset. That substitution keeps
+training batches full; evaluation must not score a sample twice, so ``bad_rows`` records each
+unreadable row (and why), and ``beit3 evaluate`` leaves the substitutes out of the metric and
+reports how many were skipped.
+
+Labels are checked when a dataset is built (class ids against ``num_classes``, VQA answer labels
+against ``num_labels``, NLVR2 truth values 0 / 1): a wrong one is an error naming the index file,
+its line and the value, not a crash at the first step or a silently wrong score.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from beit3.data.index import DataError, EmptyDatasetError, read_jsonl, resolve_image_path
+from beit3.data.index import DataError, EmptyDatasetError, IndexFormatError, read_jsonl, resolve_image_path
 from beit3.processing import image as processing_image
 
 Sample = dict[str, Any]
@@ -62,12 +69,23 @@ class IndexDataset(Dataset):
         files = [index_files] if isinstance(index_files, (str, os.PathLike)) else list(index_files)
         self.rows: list[tuple[Path, dict[str, Any]]] = []
         for file in files:
-            self.rows += [(Path(file), row) for row in read_jsonl(file, self.required)]
+            rows = read_jsonl(file, self.required)
+            for position, row in enumerate(rows):
+                problem = self.problem(row)
+                if problem is not None:
+                    raise IndexFormatError(file, _line_of(file, position), problem)
+            self.rows += [(Path(file), row) for row in rows]
         if not self.rows:
             raise EmptyDatasetError(f"no sample in {', '.join(map(str, files))}")
         self.transform = transform
         self.strict = strict
         self.skipped = 0
+        self.bad_rows: dict[int, str] = {}
+        """Rows whose image could not be read (row number -> why), as they are met."""
+
+    def problem(self, row: dict[str, Any]) -> str | None:
+        """What makes a row unusable (a label out of range), or None; checked when the dataset is built."""
+        return None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -95,6 +113,7 @@ class IndexDataset(Dataset):
                 if self.strict:
                     raise
                 self.skipped += 1
+                self.bad_rows[(index + offset) % len(self.rows)] = str(err)
                 warnings.warn(f"skipping sample: {err}", BadSampleWarning, stacklevel=2)
                 continue
             sample["index"] = int(index)
@@ -114,10 +133,52 @@ class ImageTextDataset(IndexDataset):
         return sample
 
 
+def _line_of(path: str | os.PathLike, position: int) -> int:
+    """The line number of the ``position``-th row (0-based) of an index file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as handle:
+        seen = -1
+        for line_no, line in enumerate(handle, start=1):
+            seen += bool(line.strip())
+            if seen == position:
+                return line_no
+    return position + 1
+
+
+def _label_problem(value: Any, count: int, what: str, fix: str) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{what} {value!r} is not a whole number (expected 0..{count - 1})"
+    if not 0 <= value < count:
+        return f"{what} {value} is outside 0..{count - 1} ({count} {fix}"
+    return None
+
+
 class VQADataset(IndexDataset):
-    """VQA rows: image, question, ``qid`` and, outside the test splits, answer ``labels`` with soft ``scores``."""
+    """VQA rows: image, question, ``qid`` and, outside the test splits, answer ``labels`` with soft ``scores``.
+
+    With ``num_labels`` (the size of ``answer2label.txt``), every answer label is checked to be
+    below it when the dataset is built."""
 
     required = ("image_path", "text", "qid")
+
+    def __init__(self, index_files: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 num_labels: int | None = None, **kwargs: Any) -> None:
+        self.num_labels = num_labels
+        super().__init__(index_files, **kwargs)
+
+    def problem(self, row: dict[str, Any]) -> str | None:
+        if "labels" not in row:
+            return None
+        labels, scores = row["labels"], row.get("scores")
+        if not isinstance(labels, list) or not isinstance(scores, list) or len(labels) != len(scores):
+            return "labels and scores must be lists of the same length"
+        if self.num_labels is None:
+            return None
+        for label in labels:
+            problem = _label_problem(label, self.num_labels, "answer label",
+                                     "answers in answer2label.txt; rebuild the index with that file)")
+            if problem:
+                return problem
+        return None
 
     def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
         sample = {"image": self.image(index_file, row), "text": row["text"], "qid": row["qid"]}
@@ -131,15 +192,31 @@ class NLVR2Dataset(IndexDataset):
 
     required = ("image_path", "image2_path", "text", "label")
 
+    def problem(self, row: dict[str, Any]) -> str | None:
+        if row["label"] in (0, 1):  # True / False too
+            return None
+        return f"label {row['label']!r} is not 0 (false) or 1 (true)"
+
     def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
         return {"image": self.image(index_file, row), "image2": self.image(index_file, row, "image2_path"),
                 "text": row["text"], "label": row["label"]}
 
 
 class ImageClassificationDataset(IndexDataset):
-    """Class-folder rows: an image and its integer ``label``."""
+    """Class-folder rows: an image and its integer ``label`` (checked against ``num_classes`` when given)."""
 
     required = ("image_path", "label")
+
+    def __init__(self, index_files: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 num_classes: int | None = None, **kwargs: Any) -> None:
+        self.num_classes = num_classes
+        super().__init__(index_files, **kwargs)
+
+    def problem(self, row: dict[str, Any]) -> str | None:
+        if self.num_classes is None:
+            return None
+        return _label_problem(row["label"], self.num_classes, "label",
+                              "classes, task.options.num_classes)")
 
     def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
         return {"image": self.image(index_file, row), "label": row["label"]}

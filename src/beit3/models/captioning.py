@@ -14,6 +14,10 @@ from beit3.models.base import INIT_STD, Beit3PreTrainedModel
 from beit3.models.heads import init_head
 from beit3.models.outputs import CaptioningOutput
 
+OFFICIAL_VOCAB_SIZE = 64010
+OFFICIAL_MASK_TOKEN_ID = 64001
+"""The [MASK] id of the released beit3.spm vocabulary (64010 rows): the default only there."""
+
 
 def captioning_loss(
     logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, drop_worst_ratio: float = 0.0
@@ -61,12 +65,16 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         bos_token_id: int = 0,
         pad_token_id: int = 1,
         eos_token_id: int = 2,
-        mask_token_id: int = 64001,
+        mask_token_id: int | None = None,
         label_smoothing: float = 0.1,
     ):
         super().__init__(config)
+        if mask_token_id is None and config.vocab_size == OFFICIAL_VOCAB_SIZE:
+            mask_token_id = OFFICIAL_MASK_TOKEN_ID
+        # Another vocabulary: the [MASK] id is the tokenizer's (None until given). Loading the
+        # weights never needs it; only generate() does, and it says what to pass.
         for name, value in (("bos", bos_token_id), ("pad", pad_token_id), ("eos", eos_token_id), ("mask", mask_token_id)):
-            if not 0 <= value < config.vocab_size:
+            if value is not None and not 0 <= value < config.vocab_size:
                 raise ValueError(f"{name}_token_id {value} is outside the vocabulary (size {config.vocab_size})")
         self.bos_token_id, self.pad_token_id = bos_token_id, pad_token_id
         self.eos_token_id, self.mask_token_id = eos_token_id, mask_token_id
@@ -108,11 +116,16 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         max_length: int = 32,
         length_penalty: float = 0.6,
         use_cache: bool = True,
+        min_length: int = 3,
+        mask_token_id: int | None = None,
     ) -> torch.Tensor:
         """Beam search; returns ids (B, L): BOS, words, EOS, then padding.
 
         max_length counts every text token including BOS and EOS (the release's
-        ``num_max_bpe_tokens``). A finished caption scores sum(log p) / len ** length_penalty
+        ``num_max_bpe_tokens``); so does min_length: EOS cannot be chosen before a caption has
+        ``min_length - 2`` words (the default 3: at least one word, never an empty caption).
+        mask_token_id: the tokenizer's ``<mask>`` id, when the model does not know it (a
+        vocabulary other than the official one, loaded without its tokenizer). A finished caption scores sum(log p) / len ** length_penalty
         with len = words + 2, and a batch item stops once its best finished caption beats the
         best running beam's bound; at the last step every candidate is finished.
         With ``use_cache`` the image and the words so far are encoded once and each step only
@@ -123,10 +136,21 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             raise ValueError(f"max_length must be >= 3 (BOS, a word, EOS), got {max_length}")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if not 2 <= min_length <= max_length:
+            raise ValueError(f"min_length must be between 2 (BOS, EOS: an empty caption allowed) and max_length "
+                             f"({max_length}), got {min_length}")
+        mask_id = self.mask_token_id if mask_token_id is None else mask_token_id
+        if mask_id is None:
+            raise ValueError("this captioning model does not know its [MASK] token id (its vocabulary of "
+                             f"{self.config.vocab_size} rows is not the official one): pass mask_token_id= the "
+                             "tokenizer's mask_token_id (`beit3 predict caption --mask-token-id N`), or set "
+                             "model.mask_token_id")
+        if not 0 <= mask_id < self.config.vocab_size:
+            raise ValueError(f"mask_token_id {mask_id} is outside the vocabulary (size {self.config.vocab_size})")
         batch, device = pixel_values.shape[0], pixel_values.device
         beams, vocab = num_beams, self.config.vocab_size
         num_image = (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size) + 1
-        bos_mask = torch.tensor([[self.bos_token_id, self.mask_token_id]], device=device).expand(batch, 2)
+        bos_mask = torch.tensor([[self.bos_token_id, mask_id]], device=device).expand(batch, 2)
 
         # Step 1 runs once per image (not once per beam), then the cache is repeated per beam.
         out = self.beit3(pixel_values, bos_mask, attn_mask=caption_attention_mask(num_image, 2, device=device),
@@ -143,6 +167,8 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         done = [False] * batch
         cur_len = 2  # BOS + [MASK]
         while True:
+            if cur_len < min_length:  # choosing EOS now would end the caption below min_length
+                log_probs[:, self.eos_token_id] = float("-inf")
             scores = (beam_scores.view(-1, 1) + log_probs).view(batch, beams * vocab)
             top_scores, top_index = scores.topk(min(3 * beams, beams * vocab), dim=1)
             last_step = cur_len + 1 >= max_length
@@ -174,14 +200,14 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             beam_scores = next_scores
             if use_cache:
                 cache = cache.select(order)
-                step_ids = torch.stack([next_word.view(-1), torch.full_like(next_word.view(-1), self.mask_token_id)], 1)
+                step_ids = torch.stack([next_word.view(-1), torch.full_like(next_word.view(-1), mask_id)], 1)
                 rows = caption_attention_mask(num_image, cur_len + 1, device=device)[-2:]
                 out = self.beit3(input_ids=step_ids, attn_mask=rows, past_key_values=cache, use_cache=True,
                                  text_position_offset=cur_len - 1)
                 cache = out.past_key_values.truncate(cache.length + 1)  # keep the word, drop the [MASK] slot
             else:
                 prefix = torch.cat([torch.full_like(words[:, :1], self.bos_token_id), words,
-                                    torch.full_like(words[:, :1], self.mask_token_id)], dim=1)
+                                    torch.full_like(words[:, :1], mask_id)], dim=1)
                 out = self.beit3(images, prefix, attn_mask=caption_attention_mask(num_image, cur_len + 1, device=device))
             log_probs = self._next_word_log_probs(out.last_hidden_state)
             cur_len += 1

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "num_beams": 3,
     "length_penalty": 0.6,
     "max_decode_len": None,
+    "min_decode_len": 3,
 }
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
@@ -92,6 +93,7 @@ def evaluation_outputs(task: "CaptioningTask", stats: Mapping[str, Any], context
 class CaptioningTask(IndexTask):
     spec = TaskSpec(
         name="captioning", kind="finetune", aliases=("caption",),
+        hub_pipeline_tag="image-to-text",
         description="captioning (COCO, NoCaps): masked fine-tuning, CIDEr",
         model_class=Beit3ForCaptioning, head_keys=("mlm_head.weight",), image_mode="vl", randaug=True,
         index="{prefix}.{split}.jsonl", datasets={"coco": "coco_captioning", "nocaps": "nocaps"},
@@ -157,9 +159,11 @@ class CaptioningTask(IndexTask):
             inner.unshard()
         try:
             keep = kept(batch)
-            ids = inner.generate(batch["pixel_values"][keep], num_beams=int(o["num_beams"]),
-                                 max_length=int(o["max_decode_len"] or o["max_text_len"]),
-                                 length_penalty=float(o["length_penalty"]))
+            max_length = int(o["max_decode_len"] or o["max_text_len"])
+            ids = inner.generate(batch["pixel_values"][keep], num_beams=int(o["num_beams"]), max_length=max_length,
+                                 length_penalty=float(o["length_penalty"]),
+                                 min_length=min(int(o["min_decode_len"]), max_length),
+                                 mask_token_id=self.tokenizer.mask_token_id)
         finally:
             if sharded:
                 inner.reshard()
@@ -170,4 +174,4 @@ class CaptioningTask(IndexTask):
         predictions = dict(stats["captions"])
         refs = {k: [simple_tokenize(r) for r in self.references[k]] for k in predictions}
         score, _ = cider_d({k: simple_tokenize(v) for k, v in predictions.items()}, refs)
-        return {"cider": score, "images": float(len(predictions))}
+        return {"cider": score, "images": len(predictions)}

@@ -66,6 +66,7 @@ def mix_batch(
 class ImageClassificationTask(IndexTask):
     spec = TaskSpec(
         name="classification", kind="finetune", aliases=("imagenet", "image-classification"),
+        hub_pipeline_tag="image-classification",
         description="image classification (ImageNet-1k, class folders): top-1/top-5",
         model_class=Beit3ForImageClassification, head_keys=("fc_norm.weight", "head.weight"),
         image_mode="imagenet", randaug=True, index="imagenet.{split}.index.jsonl", eval_split="val",
@@ -83,6 +84,9 @@ class ImageClassificationTask(IndexTask):
 
     def head_args(self) -> dict[str, Any]:
         return {"num_labels": self.num_classes, "label_smoothing": float(self.options["label_smoothing"])}
+
+    def dataset_args(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes}
 
     def processor(self, cfg: RunConfig, train: bool) -> SampleProcessor:
         o = self.options
@@ -108,4 +112,4 @@ class ImageClassificationTask(IndexTask):
     def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
         top1, top5 = stats["correct"].tolist()
         count = max(float(stats["samples"]), 1.0)
-        return {"acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "samples": float(stats["samples"])}
+        return {"acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "samples": int(stats["samples"])}

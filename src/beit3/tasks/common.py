@@ -137,7 +137,7 @@ class SampleProcessor:
         else:
             row["pixel_values"] = self.image(sample["image"])
         if sample.get("text") is not None and self.tokenizer is not None:
-            text = self.tokenizer([sample["text"]], max_length=self.max_text_len)
+            text = self.tokenizer([sample["text"]], max_length=self.max_text_len, padding="max_length", truncation=True, return_tensors="pt")
             if self.text_transform is not None:
                 text = self.text_transform(text)
             row.update({k: v[0] for k, v in text.items()})
@@ -222,8 +222,13 @@ class IndexTask(ABC):
     def processor(self, cfg: RunConfig, train: bool) -> Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]:
         """One raw sample -> one row of tensors, with training augmentation when ``train``."""
 
+    def dataset_args(self) -> dict[str, Any]:
+        """Extra arguments of the raw dataset: the label bounds its rows are checked against when built."""
+        return {}
+
     def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
-        return self.raw_dataset(index_files(cfg.data.root, names), transform=self.processor(cfg, train))
+        return self.raw_dataset(index_files(cfg.data.root, names), transform=self.processor(cfg, train),
+                                **self.dataset_args())
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
         return self.dataset(cfg, self.train_index(), True), self.dataset(cfg, self.val_index(), False)

@@ -86,6 +86,7 @@ def coco_average_precision(annotation_file: str | Path, results: list[dict[str, 
 class DetectionTask:
     spec = TaskSpec(
         name="detection", kind="finetune", aliases=("instance-segmentation",),
+        hub_pipeline_tag="object-detection",
         description="detection + instance segmentation (COCO format): box/mask AP",
         model_class=Beit3ForInstanceSegmentation, metric="box_AP",
         statistics={"records": "gather", "image_ids": "gather"}, verb="detection",

@@ -16,11 +16,13 @@ call these functions.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -236,6 +238,31 @@ def cider_d(
     return mean, per_image
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to standard output meanwhile to standard error instead: Python's
+    ``print`` and, at the file-descriptor level, what Java and other subprocesses print. The COCO
+    toolkit chatters on stdout ("tokenizing...", BLEU's ratios), which must not mix with a
+    command's results there."""
+    sys.stdout.flush()
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        err_fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
+        saved = os.dup(fd)
+    except (OSError, ValueError, AttributeError):  # no real descriptors (embedded interpreters)
+        saved = None
+    if saved is not None:
+        os.dup2(err_fd, fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def coco_caption_scores(
     predictions: Mapping[object, str], references: Mapping[object, Sequence[str]], *, spice: bool = False
 ) -> dict[str, float]:
@@ -244,8 +271,16 @@ def coco_caption_scores(
     This is what COCO caption papers report: PTB tokenisation, then each scorer. METEOR, the
     tokenizer and SPICE run Java, so they need ``java`` on the PATH; SPICE also downloads
     Stanford CoreNLP on first use. Install with ``pip install 'beit3[eval]'``. Values are
-    fractions (CIDEr 1.434 is the "143.4" of the tables).
+    fractions (CIDEr 1.434 is the "143.4" of the tables). What the toolkit prints goes to
+    standard error (:func:`stdout_to_stderr`).
     """
+    with stdout_to_stderr():
+        return _coco_caption_scores(predictions, references, spice=spice)
+
+
+def _coco_caption_scores(
+    predictions: Mapping[object, str], references: Mapping[object, Sequence[str]], *, spice: bool
+) -> dict[str, float]:
     try:
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider

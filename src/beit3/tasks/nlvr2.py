@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {"randaug": False, "max_text_len": 64, "head_init_sca
 class NLVR2Task(VisionLanguageTask):
     spec = TaskSpec(
         name="nlvr2", kind="finetune", aliases=("visual-reasoning",),
+        hub_pipeline_tag="image-text-to-text",
         description="NLVR2 statement about an image pair: cross-entropy, accuracy",
         model_class=Beit3ForVisualReasoning, head_keys=("head.dense1.weight",), image_mode="vl",
         index="nlvr2.{split}.index.jsonl", eval_split="dev", splits=("dev", "test-P"), metric="accuracy",
@@ -47,4 +48,4 @@ class NLVR2Task(VisionLanguageTask):
 
     def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
         samples = float(stats["samples"])
-        return {"accuracy": 100 * float(stats["correct"]) / max(samples, 1.0), "samples": samples}
+        return {"accuracy": 100 * float(stats["correct"]) / max(samples, 1.0), "samples": int(samples)}

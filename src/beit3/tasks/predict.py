@@ -37,7 +37,7 @@ def _examples(*lines: str) -> str:
 
 
 def _add_kind(kinds: argparse._SubParsersAction, spec: Any, help_text: str, description: str,
-              epilog: str, *, text: bool = True, top_k: bool = False) -> argparse.ArgumentParser:
+              epilog: str, *, text: bool = True, top_k: bool = False, folders: bool = True) -> argparse.ArgumentParser:
     parser = kinds.add_parser(spec.verb, help=help_text, description=description, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
@@ -45,6 +45,9 @@ def _add_kind(kinds: argparse._SubParsersAction, spec: Any, help_text: str, desc
     parser.add_argument("--output", type=Path, help="write the predictions to this .json or .csv file")
     parser.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    if folders:
+        parser.add_argument("--recursive", action="store_true",
+                            help="also take the images in sub-folders of the folders named (default: only their own files)")
     if text:
         parser.add_argument("--tokenizer", type=Path,
                             help="SentencePiece file or tokenizer folder (default: the model folder's, or its run's)")
@@ -76,9 +79,16 @@ def add_caption(kinds: argparse._SubParsersAction, spec: Any) -> None:
         _examples("beit3 predict caption --model runs/cap/final photo.jpg",
                   "beit3 predict caption --model runs/cap/final photos/ --num-beams 5 --output captions.json"))
     caption.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
-    caption.add_argument("--num-beams", type=int, default=3, help="beam width (default 3, as the release)")
-    caption.add_argument("--max-length", type=int, default=32, help="most tokens per caption, BOS and EOS included")
-    caption.add_argument("--length-penalty", type=float, default=0.6, help="score / length ** penalty (default 0.6)")
+    caption.add_argument("--num-beams", type=int,
+                         help="beam width (default: the model's training run's num_beams, else 3 as the release)")
+    caption.add_argument("--max-length", type=int, help="most tokens per caption, BOS and EOS included (default: "
+                         "the run's max_decode_len or max_text_len, else 32)")
+    caption.add_argument("--min-length", type=int, help="fewest tokens per caption, BOS and EOS included "
+                         "(default 3: at least one word)")
+    caption.add_argument("--length-penalty", type=float,
+                         help="score / length ** penalty (default: the run's length_penalty, else 0.6)")
+    caption.add_argument("--mask-token-id", type=int, help="id of the tokenizer's <mask> piece, which decoding "
+                         "appends (default: the tokenizer's)")
     caption.set_defaults(func=run_caption, task_name=spec.name)
 
 
@@ -123,7 +133,7 @@ def add_nlvr2(kinds: argparse._SubParsersAction, spec: Any) -> None:
         "true. --pairs reads many from a CSV file with columns left,right,statement (relative image paths are "
         "taken from the CSV file's folder).",
         _examples('beit3 predict nlvr2 --model runs/nlvr2/final --statement "there are two dogs" left.jpg right.jpg',
-                  "beit3 predict nlvr2 --model runs/nlvr2/final --pairs pairs.csv --output judged.csv"))
+                  "beit3 predict nlvr2 --model runs/nlvr2/final --pairs pairs.csv --output judged.csv"), folders=False)
     nlvr2.add_argument("images", nargs="*", type=Path, help="LEFT RIGHT image files (without --pairs)")
     nlvr2.add_argument("--statement", help="the statement to judge (without --pairs)")
     nlvr2.add_argument("--pairs", type=Path, help="CSV file with columns left,right,statement")
@@ -155,7 +165,7 @@ def add_zero_shot(kinds: argparse._SubParsersAction, spec: Any) -> None:
 
 # ------------------------------------------------------------------ running
 def _pipeline(task: str, args: argparse.Namespace, **options: Any):
-    from beit3.pipelines import pipeline
+    from beit3.pipelines import pipeline, resolve_device
     from beit3.tasks.predict_io import check_output_path
 
     check_output_path(args.output)
@@ -163,8 +173,9 @@ def _pipeline(task: str, args: argparse.Namespace, **options: Any):
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if getattr(args, "top_k", 1) < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    device = resolve_device(args.device)  # a device this machine lacks fails before the model loads
     pipe = pipeline(task, args.model, tokenizer=getattr(args, "tokenizer", None), batch_size=args.batch_size,
-                    device=args.device, **options)
+                    device=device, **options)
     if getattr(pipe, "labels", None) is not None and pipe.labels_source is None:
         flag = "--answers" if hasattr(args, "answers") else "--labels"
         print(f"note: no label names found for {args.model}; showing label numbers. Pass {flag} FILE, or put "
@@ -172,30 +183,49 @@ def _pipeline(task: str, args: argparse.Namespace, **options: Any):
     return pipe
 
 
+def _images(args: argparse.Namespace, report: Any, inputs: Any = None) -> list[Path]:
+    """The image files named and in the folders named (sub-folders with --recursive)."""
+    from beit3.tasks.predict_io import list_images
+
+    return list_images(args.images if inputs is None else inputs, report, recursive=args.recursive)
+
+
+def _require_text(texts: list[str], what: str, where: str = "") -> None:
+    """An empty question or statement is refused before anything is loaded."""
+    for number, text in enumerate(texts, start=1):
+        if not text.strip():
+            at = f" in {where}, row {number} under the header" if where else \
+                (f" (number {number} of {len(texts)})" if len(texts) > 1 else "")
+            raise ValueError(f"{what} is empty{at}: give the text to ask or judge")
+
+
 def _summary(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return {"task": kind, "model": str(args.model), **extra}
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
+    from beit3.tasks.predict_io import InputReport, finish, load_images
 
-    pipe = _pipeline(args.task_name, args)
+    generation = {"num_beams": args.num_beams, "max_length": args.max_length, "min_length": args.min_length,
+                  "length_penalty": args.length_penalty}
+    generation = {key: value for key, value in generation.items() if value is not None}
+    pipe = _pipeline(args.task_name, args, generation=generation, mask_token_id=args.mask_token_id)
     report = InputReport()
     records = []
-    for chunk in load_images(list_images(args.images, report), args.batch_size, report, args.kind):
-        results = pipe([image for _, image in chunk], num_beams=args.num_beams, max_length=args.max_length,
-                       length_penalty=args.length_penalty)
+    for chunk in load_images(_images(args, report), args.batch_size, report, args.kind):
+        results = pipe([image for _, image in chunk])
         records += [{"image": str(path), **result} for (path, _), result in zip(chunk, results)]
-    return finish(records, report, args.output, _summary(args.kind, args))
+    return finish(records, report, args.output, _summary(args.kind, args, generation=pipe.generation))
 
 
 def run_vqa(args: argparse.Namespace) -> int:
-    from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
+    from beit3.tasks.predict_io import InputReport, finish, load_images
 
+    _require_text(args.question, "--question")
     pipe = _pipeline(args.task_name, args, labels=args.answers)
     report = InputReport()
     records = []
-    for chunk in load_images(list_images(args.images, report), args.batch_size, report, args.kind):
+    for chunk in load_images(_images(args, report), args.batch_size, report, args.kind):
         images = [image for _, image in chunk]
         for question in args.question:
             answers = pipe(images, question, top_k=args.top_k)
@@ -205,12 +235,12 @@ def run_vqa(args: argparse.Namespace) -> int:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
+    from beit3.tasks.predict_io import InputReport, finish, load_images
 
     pipe = _pipeline(args.task_name, args, labels=args.labels)
     report = InputReport()
     records = []
-    for chunk in load_images(list_images(args.images, report), args.batch_size, report, args.kind):
+    for chunk in load_images(_images(args, report), args.batch_size, report, args.kind):
         ranked = pipe([image for _, image in chunk], top_k=args.top_k)
         records += [{"image": str(path), "labels": labels} for (path, _), labels in zip(chunk, ranked)]
     return finish(records, report, args.output, _summary(args.kind, args))
@@ -236,9 +266,11 @@ def run_nlvr2(args: argparse.Namespace) -> int:
         if args.images or args.statement:
             raise ValueError("give either --pairs FILE.csv, or --statement with LEFT RIGHT, not both")
         rows = read_pairs(args.pairs)
+        _require_text([statement for _, _, statement in rows], "the statement", str(args.pairs))
     elif args.statement is None or len(args.images) != 2:
         raise ValueError("give --statement \"...\" and exactly two images, LEFT RIGHT (or --pairs FILE.csv)")
     else:
+        _require_text([args.statement], "--statement")
         rows = [(args.images[0], args.images[1], args.statement)]
     pipe = _pipeline(args.task_name, args)
     report = InputReport()
@@ -278,7 +310,7 @@ def read_templates(path: Path) -> list[str]:
 
 def run_zero_shot(args: argparse.Namespace) -> int:
     from beit3.pipelines import DEFAULT_TEMPLATES
-    from beit3.tasks.predict_io import InputReport, finish, list_images, load_images
+    from beit3.tasks.predict_io import InputReport, finish, load_images
 
     classes, folders = read_classes(args.classes)
     if args.evaluate and not folders:
@@ -288,11 +320,11 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     templates = read_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
     pipe = _pipeline(args.task_name, args, classes=classes, templates=templates)
     report = InputReport()
-    paths = list_images(args.images, report)
+    paths = _images(args, report)
     truth: dict[Path, int] = {}
     if args.evaluate:
         for index, name in enumerate(classes):
-            for path in list_images(folders[name], report):
+            for path in _images(args, report, folders[name]):
                 truth[path] = index
                 paths.append(path)
     records, hits1, hits5 = [], 0, 0

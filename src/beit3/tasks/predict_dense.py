@@ -90,22 +90,30 @@ def add_dense(kinds: argparse._SubParsersAction, spec: Any) -> None:
     if boxes:
         parser.add_argument("--score-threshold", type=float, default=0.5, help="smallest score drawn")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--recursive", action="store_true",
+                        help="also take the images in sub-folders of the folders named (default: only their own files)")
     parser.set_defaults(func=run_predict, task_name=spec.name)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from beit3.catalogue import get_task
+    from beit3.io import ensure_writable_dir
+    from beit3.model_folder import check_model_kind
     from beit3.models import Beit3ForInstanceSegmentation, load_any_model
     from beit3.tasks.predict_io import InputReport, list_images, load_images, require_predictions
 
-    model = load_any_model(args.model).eval()
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    ensure_writable_dir(args.out)  # a read-only or full --out fails before the model is loaded
     expected = get_task(args.task_name).model_class
+    check_model_kind(args.model, expected, args.task_name,
+                     lambda spec: f"use `beit3 predict {spec.verb}`" if spec.verb else f"it is for task {spec.name}")
+    model = load_any_model(args.model).eval()
     if not isinstance(model, expected):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a {expected.__name__}")
     names = category_names(args.labels, model.num_labels)
     report = InputReport()
-    paths = list_images(args.images, report)
-    args.out.mkdir(parents=True, exist_ok=True)
+    paths = list_images(args.images, report, recursive=args.recursive)
     size = model.config.image_size
     records = []
     for chunk in load_images(paths, args.batch_size, report, f"predict {args.kind}"):

@@ -1,10 +1,12 @@
 """Files in, records out, for every `beit3 predict` command.
 
-In: the image files named on the command line and every file under the folders named, loaded
-one at a time with :func:`beit3.processing.load_image`; a file that cannot be used (missing,
-empty, not an image, corrupt, a decompression bomb) is reported on stderr in one line and
-skipped, so one bad file never stops a folder. Out: JSON or CSV (by the file's suffix) and a
-table on stdout.
+In: the image files named on the command line and the images in the folders named, listed by
+:func:`beit3.data.files.list_images` (the lister ``beit3 search`` uses too: image suffixes only in
+folders, sub-folders only with ``--recursive``, what is left out counted and said in one line),
+then loaded one at a time with :func:`beit3.processing.load_image`; a file that cannot be used
+(missing, empty, not an image, corrupt, a decompression bomb) is reported on stderr in one line and
+skipped, so one bad file never stops a folder. Out: JSON or CSV (by the file's suffix), written
+atomically, and a table on stdout.
 """
 from __future__ import annotations
 
@@ -18,37 +20,14 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from beit3.data.files import IMAGE_SUFFIXES, InputReport, list_images
+from beit3.io import atomic_write, ensure_writable_file
 from beit3.processing import load_image
 
+__all__ = ["IMAGE_SUFFIXES", "InputReport", "OUTPUT_FORMATS", "check_output_path", "finish", "flatten",
+           "format_table", "list_images", "load_groups", "load_images", "require_predictions", "write_output"]
+
 OUTPUT_FORMATS = (".json", ".csv")
-
-
-class InputReport:
-    """The inputs that were skipped, each reported on stderr once as it is met."""
-
-    def __init__(self) -> None:
-        self.skipped: list[dict[str, str]] = []
-
-    def skip(self, path: Path | str, reason: str) -> None:
-        self.skipped.append({"file": str(path), "reason": reason})
-        tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)  # between progress-bar updates
-
-
-def list_images(inputs: Sequence[Path], report: InputReport) -> list[Path]:
-    """Files named, plus the non-hidden files in the folders named (sorted; sub-folders are not entered).
-
-    Folder contents are not filtered by suffix: a file that is not an image is reported when it
-    fails to load, rather than silently left out. A name that does not exist is reported here.
-    """
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith("."))
-        elif item.is_file():
-            paths.append(item)
-        else:
-            report.skip(item, "no such file or folder")
-    return paths
 
 
 def load_groups(groups: Sequence[tuple[Path, ...]], batch_size: int, report: InputReport,
@@ -89,9 +68,13 @@ def _reason(err: Exception) -> str:
 
 
 def check_output_path(path: Path | None) -> None:
-    """Refuse an output suffix we cannot write before any work is done."""
-    if path is not None and path.suffix.lower() not in OUTPUT_FORMATS:
+    """Refuse, before any work is done, an output suffix we cannot write or a place we cannot write to
+    (a read-only or missing-permission folder fails here in one line, not after the predictions)."""
+    if path is None:
+        return
+    if Path(path).suffix.lower() not in OUTPUT_FORMATS:
         raise ValueError(f"--output {path}: the format comes from the suffix; use a .json or .csv file name")
+    ensure_writable_file(path, what="--output file")
 
 
 def flatten(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,17 +91,24 @@ def flatten(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_output(path: Path, records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """JSON: ``summary`` plus ``predictions`` (records as they are); CSV: the flattened records."""
+    """JSON: ``summary`` plus ``predictions`` (records as they are); CSV: the flattened records.
+    Written atomically: a failure (a full disk) leaves the previous file, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({**summary, "predictions": list(records)}, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps({**summary, "predictions": list(records)}, indent=2) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return
     rows = flatten(records)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write_csv)
 
 
 def _cell(value: Any) -> str:

@@ -43,6 +43,7 @@ def random_ranking(spec: TaskSpec, index_root: Path) -> dict[str, Any]:
 class RetrievalTask(VisionLanguageTask):
     spec = TaskSpec(
         name="retrieval", kind="finetune", aliases=("image-text-retrieval",),
+        hub_pipeline_tag="zero-shot-image-classification",
         description="image-text retrieval (COCO, Flickr30k): contrastive, R@1/5/10",
         model_class=Beit3ForImageTextRetrieval, head_keys=("vision_head.weight", "language_head.weight"),
         image_mode="vl", index="{prefix}.{split}.jsonl", datasets={"coco": "coco_retrieval", "flickr30k": "flickr30k"},
@@ -75,5 +76,5 @@ class RetrievalTask(VisionLanguageTask):
         order = torch.argsort(split["index"])
         split = {key: value[order] for key, value in split.items()}
         out = retrieval_recall(split["image_embeds"], split["image_id"], split["text_embeds"], split["image_id"])
-        out["texts"] = float(len(split["index"]))
+        out["texts"] = len(split["index"])
         return out

@@ -3,7 +3,7 @@
 An index is a folder:
 
 * ``index.json`` -- the commit point: format version, the model's identity (path and SHA-256 of
-  its files), the indexed roots, the row count, the names of the current embeddings and manifest
+  its files), the indexed roots (and which of them are searched recursively), the row count, the names of the current embeddings and manifest
   files, and the files that could not be read (with their size and mtime, so they are retried
   only once they change);
 * ``embeddings.<generation>.safetensors`` -- ``(N, D)`` L2-normalised image embeddings, float32;
@@ -16,8 +16,10 @@ Embeddings stay float32: both search backends compute in float32 (faiss takes no
 half-precision matmuls are slow on CPUs), so float16 would only halve the disk file (3 KiB per
 image at 768 dimensions) at the price of ~1e-3 score noise and a conversion on every load.
 
-Re-indexing compares each file's size and mtime with the manifest: new and changed files are
-embedded, unchanged ones kept, vanished ones dropped. A long run commits its progress every
+Folders are listed by :func:`beit3.data.files.list_images`, the lister of ``beit3 predict``:
+image suffixes only, sub-folders only for a root added with ``recursive``. Re-indexing compares
+each file's size and mtime with the manifest: new and changed files are embedded, unchanged ones
+kept, vanished ones dropped; a root that no longer exists is dropped from the roots, and said so. A long run commits its progress every
 ``checkpoint_interval`` seconds and when it stops (even on Ctrl-C), so a rerun resumes.
 """
 from __future__ import annotations
@@ -28,10 +30,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,8 @@ from tqdm import tqdm
 from beit3.models import Beit3ForImageTextRetrieval
 from beit3.models.base import CONFIG_NAME, WEIGHTS_NAME
 from beit3.catalogue import spec_for_model
-from beit3.io import atomic_write
+from beit3.data.files import IMAGE_SUFFIXES, InputReport, list_images
+from beit3.io import atomic_write, ensure_writable_dir, ensure_writable_file
 from beit3.model_folder import load_image_processor, resolve_tokenizer, text_length
 from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.processing.image import CONFIG_FILENAME as IMAGE_PROCESSOR_CONFIG
@@ -54,8 +58,9 @@ INDEX_FILE = "index.json"
 BACKENDS = ("auto", "exact", "faiss")
 DEFAULT_FAISS_THRESHOLD = 100_000
 EXACT_CHUNK_ROWS = 65_536  # rows scored per matmul: bounds memory at chunk x queries scores
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                            ".ppm", ".pgm", ".pbm"})
+__all__ = ["BACKENDS", "IMAGE_SUFFIXES", "FileRecord", "ImageIndex", "ModelIdentity", "RetrievalEncoder",
+           "SearchHit", "SkippedFile", "UpdateReport", "exact_top_k", "faiss_available", "faiss_top_k",
+           "fingerprint_model", "write_hits"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +107,7 @@ class UpdateReport:
     unchanged: int
     skipped: list[SkippedFile]  # unreadable this run
     skipped_before: int  # unreadable in an earlier run and unchanged since, so not read again
+    dropped_roots: list[str] = field(default_factory=list)  # indexed folders that no longer exist
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +139,8 @@ class RetrievalEncoder:
             or a checkpoint file (an official ``*_retrieval.pth``).
         tokenizer: SentencePiece file or tokenizer folder for text queries; default the model
             folder. Loaded on the first text query, so indexing images needs none.
-        device: where the model runs; embeddings always come back as float32 on the CPU.
+        device: where the model runs (``"auto"``: the GPU when there is one); embeddings always
+            come back as float32 on the CPU. A GPU asked for where there is none is a ValueError.
         identity: the model's :func:`fingerprint_model`, when the caller already computed it.
 
     Images go through the folder's ``preprocessor_config.json`` (a deterministic pipeline) when it
@@ -142,6 +149,9 @@ class RetrievalEncoder:
 
     def __init__(self, model: str | Path, *, tokenizer: str | Path | None = None,
                  device: str | torch.device = "cpu", identity: ModelIdentity | None = None) -> None:
+        from beit3.pipelines import resolve_device
+
+        device = resolve_device(device)  # before any loading: "cuda" on a CPU machine is one clear error
         path = Path(model)
         self.identity = identity or fingerprint_model(path)
         if path.is_dir():
@@ -152,7 +162,7 @@ class RetrievalEncoder:
             if architecture != Beit3ForImageTextRetrieval.__name__:
                 raise ValueError(f"'{path}' holds a {architecture}, not a Beit3ForImageTextRetrieval: "
                                  "search needs a model fine-tuned for image-text retrieval")
-        self.device = torch.device(device)
+        self.device = device
         self.model = Beit3ForImageTextRetrieval.from_pretrained(path).to(self.device).eval()
         self.image_processor = load_image_processor(path if path.is_dir() else None, spec_for_model(
             Beit3ForImageTextRetrieval).image_mode, self.model.config.image_size)
@@ -184,7 +194,7 @@ class RetrievalEncoder:
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Strings -> ``(B, D)`` unit vectors."""
-        batch = self.tokenizer(list(texts), max_length=self.max_length)
+        batch = self.tokenizer(list(texts), max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")
         return self.model.encode_text(batch["input_ids"].to(self.device),
                                       batch["attention_mask"].to(self.device)).float().cpu()
 
@@ -261,6 +271,7 @@ class ImageIndex:
         self.generation = 0
         self.records: list[FileRecord] = []
         self.roots: list[str] = []
+        self.recursive_roots: set[str] = set()  # the roots whose sub-folders are indexed too
         self.skipped: dict[str, SkippedFile] = {}
         self.embeddings = torch.empty(0, 0)
         self.model_identity: ModelIdentity | None = None
@@ -310,10 +321,14 @@ class ImageIndex:
 
     # ------------------------------------------------------------------------------- indexing
     def update(self, paths: Iterable[str | Path] = (), *, batch_size: int = 32, num_workers: int = 0,
-               progress: bool = True, checkpoint_interval: float = 600.0) -> UpdateReport:
-        """Add ``paths`` (folders, searched recursively, or image files) to the index's roots and
-        bring the index up to date with every root: embed new and changed images, drop vanished
-        ones. Unreadable files are reported on stderr, one line each, and left out.
+               progress: bool = True, checkpoint_interval: float = 600.0, recursive: bool = False) -> UpdateReport:
+        """Add ``paths`` (folders or image files) to the index's roots and bring the index up to date
+        with every root: embed new and changed images, drop vanished ones. Unreadable files are
+        reported on stderr, one line each, and left out.
+
+        Folders give their image files (by suffix); their sub-folders too when ``recursive``, which
+        is remembered for each root given, so a later refresh lists it the same way. A root that
+        no longer exists is reported, dropped from the roots and its images from the index.
 
         Progress is committed every ``checkpoint_interval`` seconds and at the end, even when the
         run is interrupted, so a rerun picks up where this one stopped.
@@ -328,9 +343,16 @@ class ImageIndex:
         if not roots:
             raise ValueError(f"nothing to index: give image folders, e.g. `beit3 search index --index "
                              f"{self.directory} photos/`")
-        listing, missing_roots = _list_image_files(roots)
-        for root in missing_roots:
-            _report(f"warning: indexed folder '{root}' no longer exists; its images are dropped")
+        ensure_writable_dir(self.directory, what="index folder")  # before any embedding
+        dropped_roots = [root for root in roots if not os.path.exists(root)]
+        for root in dropped_roots:
+            inside = sum(1 for r in self.records if r.path == root or r.path.startswith(root.rstrip(os.sep) + os.sep))
+            _report(f"warning: indexed folder '{root}' no longer exists: its {inside} images are dropped and it is "
+                    "removed from the index's folders (give it again to index it anew)")
+        roots = [root for root in roots if root not in dropped_roots]
+        recursive_roots = {r for r in self.recursive_roots if r not in new_roots} | (set(new_roots) if recursive else set())
+        recursive_roots &= set(roots)
+        listing = _list_image_files(roots, recursive_roots)
 
         stored = {record.path: record for record in self.records}
         todo: list[FileRecord] = []
@@ -357,13 +379,14 @@ class ImageIndex:
             skipped = {p: s for p, s in old_skipped.items() if p in listing and p not in replaced}
             self._save(records=[old_records[i] for i in keep] + done,
                        embeddings=torch.cat([old_embeddings[keep], *done_embeddings]),
-                       roots=roots, skipped={**skipped, **skipped_now})
+                       roots=roots, recursive_roots=recursive_roots, skipped={**skipped, **skipped_now})
 
-        stale = removed or roots != self.roots or set(self.skipped) - set(listing)
+        stale = (removed or roots != self.roots or recursive_roots != self.recursive_roots
+                 or set(self.skipped) - set(listing))
         if not todo:
             if stale or not (self.directory / INDEX_FILE).is_file():
                 commit()
-            return UpdateReport(added, changed, removed, unchanged, [], skipped_before)
+            return UpdateReport(added, changed, removed, unchanged, [], skipped_before, dropped_roots)
 
         encoder = self.encoder
         loader = DataLoader(_ImageFiles([r.path for r in todo], encoder.image_processor),
@@ -391,7 +414,7 @@ class ImageIndex:
             bar.close()
             commit()
         return UpdateReport([p for p in added if p not in skipped_now], [p for p in changed if p not in skipped_now],
-                            removed, unchanged, list(skipped_now.values()), skipped_before)
+                            removed, unchanged, list(skipped_now.values()), skipped_before, dropped_roots)
 
     # ------------------------------------------------------------------------------- searching
     def search(self, queries: torch.Tensor, k: int = 5, *, backend: str = "auto",
@@ -428,13 +451,22 @@ class ImageIndex:
     # ------------------------------------------------------------------------------- storage
     def _load(self) -> None:
         meta_file = self.directory / INDEX_FILE
+        where = str(meta_file)  # the file (and line) a damage is in, for the message
         try:
-            meta = json.loads(meta_file.read_text())
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format version {meta.get('format_version')}, this beit3 reads {FORMAT_VERSION}")
-            records = [FileRecord(**json.loads(line))
-                       for line in (self.directory / meta["manifest"]).read_text().splitlines()]
-            embeddings = load_file(self.directory / meta["embeddings"])["embeddings"]
+            meta = _read_json(meta_file)
+            if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+                version = meta.get("format_version") if isinstance(meta, dict) else None
+                raise ValueError(f"format version {version}, this beit3 reads {FORMAT_VERSION}")
+            where = str(self.directory / meta["manifest"])
+            records = _read_manifest(self.directory / meta["manifest"])
+            where = str(self.directory / meta["embeddings"])
+            try:
+                embeddings = load_file(self.directory / meta["embeddings"])["embeddings"]
+            except OSError:
+                raise
+            except Exception as err:  # safetensors raises its own error type for a damaged file
+                raise ValueError(f"not a safetensors file of embeddings ({err})") from None
+            where = str(meta_file)
             if not len(records) == embeddings.shape[0] == meta["count"]:
                 raise ValueError(f"{len(records)} manifest lines, {embeddings.shape[0]} embeddings, "
                                  f"count {meta['count']}")
@@ -442,28 +474,32 @@ class ImageIndex:
             self.skipped = {s["path"]: SkippedFile(FileRecord(s["path"], s["size"], s["mtime_ns"]), s["reason"])
                             for s in meta["skipped"]}
             self.generation, self.recorded_tokenizer, self.roots = meta["generation"], meta["tokenizer"], meta["roots"]
+            # Indexes written before sub-folders became opt-in listed every root recursively.
+            self.recursive_roots = set(meta.get("recursive_roots", self.roots))
+        except _Damage as err:
+            raise ValueError(f"{err}: index '{self.directory}' is damaged; delete the folder and build it again "
+                             "with `beit3 search index`") from None
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"index '{self.directory}' is damaged ({err!r}): delete the folder and build "
+            what = f"missing field {err}" if isinstance(err, KeyError) else (
+                err.strerror or str(err) if isinstance(err, OSError) else str(err))
+            raise ValueError(f"{where}: {what}: index '{self.directory}' is damaged; delete the folder and build "
                              "it again with `beit3 search index`") from None
         self.records, self.embeddings = records, embeddings
 
     def _save(self, *, records: list[FileRecord], embeddings: torch.Tensor, roots: list[str],
-              skipped: dict[str, SkippedFile]) -> None:
+              recursive_roots: set[str], skipped: dict[str, SkippedFile]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         generation = self.generation + 1
         embeddings_name = f"embeddings.{generation}.safetensors"
         manifest_name = f"manifest.{generation}.jsonl"
         embeddings = embeddings.contiguous()
-        atomic_write(self.directory / embeddings_name,
-                      lambda tmp: save_file({"embeddings": embeddings}, tmp))
-        atomic_write(self.directory / manifest_name,
-                      lambda tmp: Path(tmp).write_text("".join(json.dumps(asdict(r)) + "\n" for r in records)))
         tokenizer = self._tokenizer_path or self.recorded_tokenizer
         meta = {
             "format_version": FORMAT_VERSION,
             "model": asdict(self.model_identity),
             "tokenizer": tokenizer,
             "roots": roots,
+            "recursive_roots": sorted(recursive_roots),
             "count": len(records),
             "embedding_dim": embeddings.shape[1],
             "dtype": "float32",
@@ -472,7 +508,18 @@ class ImageIndex:
             "manifest": manifest_name,
             "skipped": [{**asdict(s.record), "reason": s.reason} for s in skipped.values()],
         }
-        atomic_write(self.directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        manifest = "".join(json.dumps(asdict(r)) + "\n" for r in records)
+        try:
+            atomic_write(self.directory / embeddings_name, lambda tmp: _write_embeddings(embeddings, tmp, target=self.directory / embeddings_name))
+            atomic_write(self.directory / manifest_name, lambda tmp: _write_text(tmp, manifest, target=self.directory / manifest_name))
+            atomic_write(self.directory / INDEX_FILE, lambda tmp: _write_text(tmp, json.dumps(meta, indent=2) + "\n",
+                                                                          target=self.directory / INDEX_FILE))
+        except BaseException:
+            # index.json still names the previous generation: this one's files go, so a failed
+            # save (a full disk, Ctrl-C) leaves the folder exactly as it was.
+            for name in (embeddings_name, manifest_name):
+                (self.directory / name).unlink(missing_ok=True)
+            raise
         # index.json now names this generation; older ones (and leftovers of a crashed save) go.
         for pattern in ("embeddings.*.safetensors", "manifest.*.jsonl"):
             for old in self.directory.glob(pattern):
@@ -480,35 +527,93 @@ class ImageIndex:
                     old.unlink(missing_ok=True)
         self.generation, self.records, self.embeddings = generation, records, embeddings
         self.roots, self.skipped, self.recorded_tokenizer = roots, skipped, tokenizer
+        self.recursive_roots = set(recursive_roots)
+
+
+class _Damage(ValueError):
+    """A damaged index file; the message starts with the file and line."""
+
+
+def _read_json(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _Damage(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _read_manifest(path: Path) -> list[FileRecord]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            records.append(FileRecord(path=str(row["path"]), size=int(row["size"]), mtime_ns=int(row["mtime_ns"])))
+        except json.JSONDecodeError as err:
+            raise _Damage(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except (KeyError, TypeError, ValueError) as err:
+            what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+            raise _Damage(f"{path}:{number}: not a manifest record ({what}); expected "
+                          '{"path": ..., "size": ..., "mtime_ns": ...}') from None
+    return records
+
+
+def _default_file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _named(err: OSError, path: str | os.PathLike) -> OSError:
+    """``err`` with the file's name when the failing call gave none (a failed write() or close())."""
+    if err.filename is not None:
+        return err
+    named = OSError(err.errno, err.strerror, str(path))
+    named.__cause__ = err
+    return named
+
+
+def _write_text(tmp: str, text: str, target: Path) -> None:
+    try:
+        Path(tmp).write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise _named(err, target)
+
+
+def _write_embeddings(embeddings: torch.Tensor, tmp: str, target: Path) -> None:
+    """safetensors, with the default permissions (safetensors creates its files owner-only, 0600)
+    and an ``OSError`` naming the file when writing fails (safetensors raises its own error type,
+    which the command line would print as a traceback)."""
+    try:
+        save_file({"embeddings": embeddings}, tmp)
+    except OSError as err:
+        raise _named(err, target)
+    except Exception as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from err
+    os.chmod(tmp, _default_file_mode())
 
 
 def _report(line: str) -> None:
     tqdm.write(line, file=sys.stderr)  # above any progress bar, not through it
 
 
-def _list_image_files(roots: Sequence[str]) -> tuple[dict[str, FileRecord], list[str]]:
-    """Image files under ``roots`` by path (folders recursively, hidden names skipped; a root that
-    is a file is taken whatever its suffix), and the roots that no longer exist."""
-    paths: list[str] = []
-    missing = []
-    for root in roots:
-        if os.path.isfile(root):
-            paths.append(root)
-        elif os.path.isdir(root):
-            for folder, subfolders, files in os.walk(root):
-                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-                paths += [os.path.join(folder, name) for name in files
-                          if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
-        else:
-            missing.append(root)
+def _list_image_files(roots: Sequence[str], recursive_roots: set[str]) -> dict[str, FileRecord]:
+    """The image files of ``roots`` by path, listed by :func:`beit3.data.files.list_images` (a root
+    that is a file is taken whatever its suffix; the sub-folders of ``recursive_roots`` are entered)."""
+    report = InputReport()
+    paths = list_images([r for r in roots if r not in recursive_roots], report)
+    paths += list_images([r for r in roots if r in recursive_roots], report, recursive=True)
     found = {}
-    for path in sorted(set(paths)):
+    for path in sorted({str(p) for p in paths}):
         try:
             stat = os.stat(path)
         except OSError:
             continue  # vanished while listing
         found[path] = FileRecord(path, stat.st_size, stat.st_mtime_ns)
-    return found, missing
+    return found
 
 
 class _ImageFiles(Dataset):
@@ -535,9 +640,9 @@ class _ImageFiles(Dataset):
 # ---------------------------------------------------------------------------------------------
 # Command line
 INDEX_EXAMPLES = """examples:
-  beit3 search index --model runs/coco_retrieval/final --index photos.index ~/Pictures
+  beit3 search index --model runs/coco_retrieval/final --index photos.index --recursive ~/Pictures
   beit3 search index --index photos.index                      # refresh: embed new and changed images
-  beit3 search index --index photos.index ~/Downloads/cats     # add a folder
+  beit3 search index --index photos.index ~/Downloads/cats     # add a folder (its sub-folders not entered)
   beit3 search index --model beit3_base_patch16_384_coco_retrieval.pth --tokenizer beit3.spm \\
       --index coco.index --device cuda --batch-size 128 --workers 8 val2014/
 """
@@ -565,9 +670,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     index = actions.add_parser(
         "index", help="embed new and changed images into an index folder",
-        description="Embed the images under FOLDERs (recursively; hidden files skipped) into INDEX_DIR. The "
-        "index remembers its folders: a rerun embeds only new and changed files (by size and mtime), drops "
-        "vanished ones and retries unreadable files only once they change. Unreadable files are reported on "
+        description="Embed the images in FOLDERs (image suffixes only; hidden files skipped; sub-folders with "
+        "--recursive) into INDEX_DIR. The index remembers its folders (and which are recursive): a rerun embeds only new and changed files (by size and mtime), drops "
+        "vanished ones (and folders that no longer exist) and retries unreadable files only once they change. Unreadable files are reported on "
         "stderr, one line each. Progress is saved every few minutes and on Ctrl-C.",
         epilog=INDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     index.add_argument("folders", nargs="*", metavar="FOLDER", help="image folders or files to add (default: "
@@ -576,7 +681,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--model", type=Path, help="retrieval model folder or checkpoint file (required for a new "
                        "index; for an existing one it must be the model the index was built with)")
     index.add_argument("--tokenizer", type=Path, help="tokenizer for later text queries, recorded in the index "
-                       "(default: the model folder's)")
+                       "(default: the model folder's, or its training run's)")
+    index.add_argument("--recursive", action="store_true", help="also index the sub-folders of the FOLDERs given "
+                       "(remembered for later refreshes)")
     _add_run_options(index)
     index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="processes decoding images (default: %(default)s; 0 decodes in the main process)")
@@ -607,19 +714,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda, cuda:1 ... (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the GPU when there is one), cpu, cuda, cuda:1 ... (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_index(args: argparse.Namespace) -> int:
-    index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=args.device)
+    from beit3.pipelines import resolve_device
+
+    device = resolve_device(args.device)
+    for folder in args.folders:
+        if not os.path.exists(folder):
+            raise FileNotFoundError(f"no such image file or folder: '{os.path.abspath(folder)}'")
+    if args.model is None:  # an existing index (or an error saying there is none); no model loaded yet
+        index = ImageIndex(args.index, tokenizer=args.tokenizer, device=device)
+        ensure_writable_dir(args.index, what="index folder")
+    else:
+        ensure_writable_dir(args.index, what="index folder")  # before loading the model or any image
+        index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=device)
     report = index.update(args.folders, batch_size=args.batch_size, num_workers=args.workers,
-                          progress=not args.no_progress, checkpoint_interval=args.checkpoint_interval)
+                          progress=not args.no_progress, checkpoint_interval=args.checkpoint_interval,
+                          recursive=args.recursive)
     print(f"index '{args.index}': {len(index)} images ({len(report.added)} added, {len(report.changed)} "
           f"changed, {len(report.removed)} removed, {report.unchanged} unchanged)")
     if report.skipped:
         print(f"{len(report.skipped)} unreadable files skipped (listed above); they are retried once they change")
+    if report.dropped_roots:
+        print(f"{len(report.dropped_roots)} indexed folders no longer exist and were removed from the index: "
+              + ", ".join(report.dropped_roots))
     if report.skipped_before:
         print(f"{report.skipped_before} files unreadable in an earlier run and unchanged since were not retried "
               f"(listed in {args.index / INDEX_FILE})")
@@ -631,7 +753,12 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError("nothing to search for: give --text \"...\" or --image PATH")
     if args.output is not None and args.output.suffix.lower() not in (".json", ".csv"):
         raise ValueError(f"--output must end in .json or .csv, got '{args.output}'")
-    index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=args.device)
+    from beit3.pipelines import resolve_device
+
+    device = resolve_device(args.device)
+    if args.output is not None:
+        ensure_writable_file(args.output, what="--output file")  # before loading and embedding anything
+    index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=device)
     queries = [("text", text) for text in args.text] + [("image", str(path)) for path in args.image]
     embeddings = []
     if args.text:
@@ -653,15 +780,25 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def write_hits(path: Path, queries: Sequence[tuple[str, str]], hits: Sequence[Sequence[SearchHit]]) -> None:
-    """JSON: one object per query with its hits; CSV: one row per hit (kind, query, rank, score, path)."""
+    """JSON: one object per query with its hits; CSV: one row per hit (kind, query, rank, score, path).
+    Written atomically: a failure leaves the previous file, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         records = [{"kind": kind, "query": query, "hits": [asdict(hit) for hit in query_hits]}
                    for (kind, query), query_hits in zip(queries, hits)]
-        path.write_text(json.dumps(records, indent=2) + "\n")
+        text = json.dumps(records, indent=2) + "\n"
+        atomic_write(path, lambda tmp: _write_text(tmp, text, target=path))
         return
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["kind", "query", "rank", "score", "path"])
-        for (kind, query), query_hits in zip(queries, hits):
-            writer.writerows([kind, query, hit.rank, f"{hit.score:.6f}", hit.path] for hit in query_hits)
+
+    def write_csv(tmp: str) -> None:
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["kind", "query", "rank", "score", "path"])
+                for (kind, query), query_hits in zip(queries, hits):
+                    writer.writerows([kind, query, hit.rank, f"{hit.score:.6f}", hit.path] for hit in query_hits)
+        except OSError as err:
+            raise _named(err, path)
+
+    atomic_write(path, write_csv)

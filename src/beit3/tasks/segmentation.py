@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
 class SemanticSegmentationTask:
     spec = TaskSpec(
         name="segmentation", kind="finetune", aliases=("semantic-segmentation",),
+        hub_pipeline_tag="image-segmentation",
         description="semantic segmentation (ADE20K-style folders): mIoU", model_class=Beit3ForSemanticSegmentation,
         metric="mIoU", statistics={"confusion": "sum"}, verb="segmentation",
         predict="beit3.tasks.predict_dense:add_dense",

@@ -83,6 +83,7 @@ def write_submission(task: "VQATask", stats: Mapping[str, Any], context: Mapping
 class VQATask(VisionLanguageTask):
     spec = TaskSpec(
         name="vqav2", kind="finetune", aliases=("vqa",),
+        hub_pipeline_tag="visual-question-answering",
         description="VQAv2 answer classification: soft-score BCE, vqa_score",
         model_class=Beit3ForVisualQuestionAnswering, head_keys=("pooler.dense.weight", "head.0.weight"),
         image_mode="vl", randaug=True, index="vqa.{split}.jsonl", train_splits=("train", "trainable_val"),
@@ -126,6 +127,9 @@ class VQATask(VisionLanguageTask):
     def processor_args(self) -> dict[str, Any]:
         return {"num_labels": self.num_classes}
 
+    def dataset_args(self) -> dict[str, Any]:
+        return {"num_labels": self.num_classes}
+
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return model(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
@@ -160,7 +164,7 @@ class VQATask(VisionLanguageTask):
     def compute_metrics(self, stats: Mapping[str, Any]) -> dict[str, float]:
         questions = float(stats["questions"])
         if "soft_score" not in stats:  # a split without answers: predictions only (see write_submission)
-            return {"questions": float(len({qid for qid, _ in stats["predictions"]}))}
+            return {"questions": len({qid for qid, _ in stats["predictions"]})}
         metrics = {"vqa_score": 100 * float(stats["soft_score"]) / max(questions, 1.0)}
         annotations = self.annotations
         if annotations is not None:
@@ -177,5 +181,5 @@ class VQATask(VisionLanguageTask):
             for answer_type, (total, count) in totals.items():
                 if count:
                     metrics[f"vqa_accuracy_{ANSWER_TYPES[answer_type]}"] = 100 * total / count
-        metrics["questions"] = questions
+        metrics["questions"] = int(questions)
         return metrics
