@@ -32,6 +32,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temporary_name(path: Path) -> Path:
     """A hidden sibling name for writing ``path``, unique to this process."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -43,6 +49,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     tmp = temporary_name(path)
     try:
         write(str(tmp))
+        # Some writers (safetensors, tempfile) create their file owner-only: give it what a plain
+        # open() would, the umask's default, so a shared checkpoint is readable by the group.
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync_file(tmp)
         os.replace(tmp, path)
     finally:

@@ -228,3 +228,62 @@ def test_imagenet_class_folders(tmp_path):
     assert [(r["image_path"], r["label"]) for r in train] == [("train/ant/ant1.JPEG", 0), ("train/bee/bee1.JPEG", 1), ("train/cat/cat1.JPEG", 2)]
     assert [r["label"] for r in read_jsonl(root / "imagenet.val.index.jsonl")] == [0, 1]
     assert report.problems == {"not an image file": 1, "class folder not in train": 1}
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in the middle of its scan: Image.verify() accepts it, decoding it fails."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_verify_images_decodes_in_full_and_rejects_a_truncated_jpeg(coco_root, tmp_path):
+    bad = truncated_jpeg(coco_root / "val2014" / "c.jpg")
+    report = build_retrieval(coco_root, tmp_path / "plain")
+    assert report.counts["coco_retrieval.val.jsonl"] == 2  # without --verify-images only existence is checked
+    report = build_retrieval(coco_root, tmp_path / "verified", verify_images=True)
+    assert report.problems["unreadable image"] == 1 and "coco_retrieval.val.jsonl" not in report.counts
+    assert str(bad) in report.summary() and "truncated" in report.summary()
+    assert [r["image_id"] for r in read_jsonl(tmp_path / "verified" / "coco_retrieval.test.jsonl")] == [0, 1]
+
+
+def test_a_build_whose_write_fails_leaves_the_previous_index(coco_root, tmp_path, monkeypatch):
+    import errno
+
+    from beit3.data.builders import common
+
+    out = tmp_path / "index"
+    build_retrieval(coco_root, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (coco_root / "dataset_coco.json").write_text((coco_root / "dataset_coco.json").read_text().replace("white", "black"))
+    synced = []
+
+    def full_on_the_second_file(path):
+        synced.append(path)
+        if len(synced) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common, "fsync_file", full_on_the_second_file)
+    with pytest.raises(OSError) as err:
+        build_retrieval(coco_root, out)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(out / "coco_retrieval.val.jsonl")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the first file was not replaced alone
+    monkeypatch.undo()
+    build_retrieval(coco_root, out)
+    assert "black" in (out / "coco_retrieval.test.jsonl").read_text()
+
+
+def test_a_long_build_shows_progress_lines_in_a_log(tmp_path, monkeypatch, capsys):
+    from beit3.data.builders import common
+
+    root = tmp_path / "coco"
+    write_vqa(root)
+    monkeypatch.setattr(common, "PROGRESS_INTERVAL", 0.0)  # a line per item instead of every 30 s
+    build_vqa(root, root, min_answer_count=5, rest_val_images=1)
+    lines = capsys.readouterr().err.splitlines()
+    assert "vqav2: train questions: 1/11 (9%)" in lines and "vqav2: train questions: 11/11 (100%)" in lines
+    assert "vqav2: val questions: 4/4 (100%)" in lines

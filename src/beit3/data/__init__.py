@@ -9,28 +9,33 @@
 * ``beit3.data.synthetic``: the seeded world of coloured shapes used by the demo and the tests.
 
 Nothing here needs a tokenizer or the models: samples are raw and a processor is passed in.
+The names below are imported on first use, so ``import beit3.data.builders`` (``beit3 data``)
+does not load torch and torchvision.
 """
-from beit3.data.datasets import (
-    BadImageError,
-    BadSampleWarning,
-    Collator,
-    ImageClassificationDataset,
-    ImageTextDataset,
-    NLVR2Dataset,
-    VQADataset,
-    load_image,
-    vqa_targets,
-)
-from beit3.data.index import DataError, EmptyDatasetError, IndexFormatError, read_jsonl, write_jsonl
-from beit3.data.mixing import MixingLoader, split_batch_size
-from beit3.data.streams import ImageFolder, PositionTracker, SampleStream, TarShards, TextFiles
-from beit3.data.transforms import TrainImageTransform, mask_caption_tokens, train_image_transform
-from beit3.data.vqa_answers import answer_targets, build_answer_vocab, normalize_answer, soft_score
+import importlib
 
-__all__ = [
-    "BadImageError", "BadSampleWarning", "Collator", "DataError", "EmptyDatasetError", "ImageClassificationDataset",
-    "ImageFolder", "ImageTextDataset", "IndexFormatError", "MixingLoader", "NLVR2Dataset", "PositionTracker",
-    "SampleStream", "TarShards", "TextFiles", "TrainImageTransform", "VQADataset", "answer_targets",
-    "build_answer_vocab", "load_image", "mask_caption_tokens", "normalize_answer", "read_jsonl", "soft_score",
-    "split_batch_size", "train_image_transform", "vqa_targets", "write_jsonl",
-]
+_EXPORTS = {
+    "beit3.data.datasets": ("BadImageError", "BadSampleWarning", "Collator", "ImageClassificationDataset",
+                            "ImageTextDataset", "NLVR2Dataset", "VQADataset", "load_image", "vqa_targets"),
+    "beit3.data.index": ("DataError", "EmptyDatasetError", "IndexFormatError", "read_jsonl", "write_jsonl"),
+    "beit3.data.mixing": ("MixingLoader", "split_batch_size"),
+    "beit3.data.streams": ("ImageFolder", "PositionTracker", "SampleStream", "TarShards", "TextFiles"),
+    "beit3.data.transforms": ("TrainImageTransform", "mask_caption_tokens", "train_image_transform"),
+    "beit3.data.vqa_answers": ("answer_targets", "build_answer_vocab", "normalize_answer", "soft_score"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'beit3.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from beit3.data.builders import BUILDERS
 from beit3.data.synthetic import WORLD_SIZES, generate
+from beit3.io import ensure_writable_dir
 
 DATA_EXAMPLES = """examples:
   beit3 data synthetic --out data/synthetic                              # tiny data for every task, seconds
@@ -33,12 +34,15 @@ BUILD_EXAMPLES = """examples:
   beit3 data build nlvr2 --root /data/nlvr2 --annotations /data/nlvr/nlvr2/data --out /data/index
   beit3 data build imagenet --root /data/imagenet --out /data/index --verify-images
 
-Prints rows per index file and every problem found (missing images, empty captions). An index with
-no usable row is never written; --strict turns any problem into an error.
+Prints rows per index file and every problem found (missing images, empty captions), and progress
+on stderr (a bar on a terminal, a line every 30 s in a log). An index with no usable row is never
+written; --strict turns any problem into an error. The files of a build replace the old ones all
+together at the end: a failed build (a full disk) leaves the previous index as it was.
 """
 
 
 def _synthetic(args: argparse.Namespace) -> int:
+    ensure_writable_dir(args.out, what="--out folder")  # before generating anything
     start = time.perf_counter()
     reports = generate(args.out, size=args.size, seed=args.seed, image_size=args.image_size,
                        build_indexes=not args.no_index)
@@ -54,6 +58,7 @@ def _build(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--root {args.root} is not a folder: point it at the {args.task} dataset in its "
                                 "official layout (see docs/data.md)")
     builder = BUILDERS[args.task]
+    out = args.out or args.root
     accepted = set(inspect.signature(builder).parameters)
     options = {"strict": args.strict, "verify_images": args.verify_images}
     given = {name: getattr(args, name) for name in ("seed", "rest_val_images", "min_answer_count", "legacy")
@@ -66,8 +71,10 @@ def _build(args: argparse.Namespace) -> int:
             flag = "--annotations" if name.startswith("annotation") else "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to {args.task}")
         options[name] = value
+    # A read-only or unwritable destination fails here, in one line, before minutes of reading.
+    ensure_writable_dir(out, what="--out folder" if args.out else "--root folder (the default --out)")
     try:
-        report = builder(args.root, args.out or args.root, **options)
+        report = builder(args.root, out, **options)
     except FileNotFoundError as err:
         if err.filename is None:  # already a sentence of ours
             raise
@@ -110,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", help="folder for the index files (default: --root)")
     build.add_argument("--annotations", help="annotation file or folder when not in the default place under --root")
     build.add_argument("--strict", action="store_true", help="fail on any problem instead of skipping and reporting")
-    build.add_argument("--verify-images", action="store_true", help="decode every image, not only check it exists")
+    build.add_argument("--verify-images", action="store_true", help="decode every image in full (catches truncated and corrupt files), "
+                       "not only check it exists; slower")
     build.add_argument("--seed", type=int, help="vqav2: seed of the rest_val split (default: 0)")
     build.add_argument("--rest-val-images", type=int, help="vqav2: val images held out as rest_val (default: 1000)")
     build.add_argument("--min-answer-count", type=int, help="vqav2: keep answers seen this often (default: 9)")

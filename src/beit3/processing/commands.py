@@ -95,8 +95,10 @@ def _add_corpus_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from beit3.io import ensure_writable_dir
     from beit3.processing.tokenizer_training import train_tokenizer
 
+    ensure_writable_dir(args.output, what="--output folder")  # before reading the corpus
     tokenizer = train_tokenizer(args.input, args.vocab_size, args.output,
                                 character_coverage=args.character_coverage,
                                 max_sentences=args.max_sentences, num_threads=args.num_threads,
@@ -106,6 +108,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_extend(args: argparse.Namespace) -> int:
+    from beit3.io import ensure_writable_dir
     from beit3.processing.tokenizer_training import extend_tokenizer, resize_model_for_tokenizer
 
     if bool(args.model) != bool(args.model_output):
@@ -113,6 +116,9 @@ def _run_extend(args: argparse.Namespace) -> int:
     if args.model and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model} is not a model folder: pass one written by save_pretrained "
                                 "or `beit3 convert` (config.json + model.safetensors)")
+    ensure_writable_dir(args.output, what="--output folder")  # before any training
+    if args.model_output:
+        ensure_writable_dir(args.model_output, what="--model-output folder")
     tokenizer = extend_tokenizer(args.tokenizer, args.input, args.num_new_pieces, args.output,
                                  character_coverage=args.character_coverage,
                                  max_sentences=args.max_sentences, num_threads=args.num_threads)

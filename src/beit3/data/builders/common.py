@@ -1,20 +1,33 @@
-"""What every builder shares: a report of counts and problems, image checks, and the final write.
+"""What every builder shares: a report of counts and problems, image checks, progress, and the final write.
 
 A build reads annotation files that are often large and partly broken (images missing from a
 download, empty captions). It keeps going, counts every problem by kind with a few examples, and
 prints that report, so one run shows everything to fix. It refuses to write an index with no row.
+
+The files of one build are written all or nothing (:func:`write_all`): every file goes to a
+temporary name first and only when all are written are they renamed over the old ones, so a full
+disk or an interrupted build leaves the previous index exactly as it was.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
-from beit3.data.index import DataError, EmptyDatasetError, IndexFormatError, relative_image_path, write_jsonl
+from beit3.data.index import DataError, EmptyDatasetError, IndexFormatError, relative_image_path
+from beit3.io import fsync_dir, fsync_file, temporary_name
+
+T = TypeVar("T")
+PROGRESS_INTERVAL = 30.0
+"""Seconds between two plain progress lines when stderr is not a terminal (a log file, CI)."""
 
 MAX_EXAMPLES = 3
 
@@ -66,8 +79,12 @@ class ImageChecker:
             self.report.problem("missing image", str(path))
         elif self.verify:
             try:
+                # verify() checks the container (PNG checksums) but decodes nothing: a truncated
+                # JPEG passes it. Decoding the whole image (load()) is what training will do.
                 with Image.open(path) as image:
                     image.verify()
+                with Image.open(path) as image:
+                    image.load()
             except Exception as err:  # PIL raises many types for broken files
                 good = False
                 self.report.problem("unreadable image", f"{path} ({err})")
@@ -75,8 +92,10 @@ class ImageChecker:
         return good
 
 
-def finish(report: BuildReport, splits: dict[str, list[dict[str, Any]]], *, strict: bool) -> BuildReport:
-    """Write each non-empty split as ``out_dir/<name>``; refuse when nothing, or with ``strict`` any problem, is wrong.
+def finish(report: BuildReport, splits: dict[str, list[dict[str, Any]]], *, strict: bool,
+           extra: dict[str, str] | None = None) -> BuildReport:
+    """Write each non-empty split as ``out_dir/<name>`` and the ``extra`` text files (name -> text),
+    all or nothing (:func:`write_all`); refuse when nothing, or with ``strict`` any problem, is wrong.
 
     An empty split is skipped and reported (a user may have only some splits), but a build where every
     split is empty is an error: that index would point at nothing.
@@ -88,10 +107,59 @@ def finish(report: BuildReport, splits: dict[str, list[dict[str, Any]]], *, stri
         raise DataError(report.summary() + "\n(strict: fix these problems or build without --strict)")
     if not any(splits.values()):
         raise EmptyDatasetError(report.summary() + "\nrefusing to write an index that points at nothing")
-    for name, rows in splits.items():
-        if rows:
-            report.counts[name] = write_jsonl(report.out_dir / name, rows)
+    files = {name: "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+             for name, rows in splits.items() if rows}
+    write_all(report.out_dir, {**files, **(extra or {})})
+    report.counts.update({name: len(rows) for name, rows in splits.items() if rows})
     return report
+
+
+def write_all(folder: str | os.PathLike, files: dict[str, str]) -> None:
+    """Write ``files`` (name -> text) into ``folder`` all or nothing.
+
+    Each file is written and flushed under a temporary name beside its target; only when every one
+    is on disk are they renamed over the old files. A failure while writing (a full disk) removes
+    the temporary files and raises an ``OSError`` naming the file, leaving the old files untouched.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, text in files.items():
+            target = folder / name
+            tmp = temporary_name(target)
+            staged.append((tmp, target))
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                fsync_file(tmp)
+            except OSError as err:
+                if err.filename is None:  # a failed write() or close() names no file: name it
+                    raise OSError(err.errno, err.strerror, str(target)) from err
+                raise
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    fsync_dir(folder)
+
+
+def progress(items: Iterable[T], *, total: int | None, desc: str) -> Iterator[T]:
+    """``items``, with progress on stderr: a tqdm bar on a terminal, else a plain line every
+    ``PROGRESS_INTERVAL`` seconds (``desc: done/total (percent)``), so a long build shows it is alive."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit="item", file=sys.stderr, leave=False)
+        return
+    last = time.monotonic()
+    for done, item in enumerate(items, start=1):
+        yield item
+        now = time.monotonic()
+        if now - last >= PROGRESS_INTERVAL:
+            last = now
+            share = f"/{total} ({100 * done / total:.0f}%)" if total else ""
+            print(f"{desc}: {done}{share}", file=sys.stderr, flush=True)
 
 
 def image_field(path: Path, out_dir: Path) -> str:

@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field, progress
+from beit3.data.files import is_image_name
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -37,20 +36,19 @@ def build_imagenet(root: str | Path, out: str | Path, *, strict: bool = False, v
         if not (root / split).is_dir():
             report.notes.append(f"{root / split} not found, {split} split skipped")
             continue
-        for class_dir in _class_dirs(root / split):
+        for class_dir in progress(_class_dirs(root / split), total=None, desc=f"imagenet: {split} classes"):
             if class_dir.name not in label_of:
                 report.problem("class folder not in train", str(class_dir))
                 continue
             for path in sorted(class_dir.rglob("*")):
                 if path.is_dir():
                     continue
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if not is_image_name(path):
                     report.problem("not an image file", str(path))
                     continue
                 if checker.ok(path):
                     rows.append({"image_path": image_field(path, out), "label": label_of[class_dir.name]})
         splits[f"imagenet.{split}.index.jsonl"] = rows
-    finish(report, splits, strict=strict)
-    (out / "imagenet.classes.txt").write_text("".join(name + "\n" for name in classes), encoding="utf-8")
+    finish(report, splits, strict=strict, extra={"imagenet.classes.txt": "".join(name + "\n" for name in classes)})
     report.notes.append(f"{len(classes)} classes listed in imagenet.classes.txt")
     return report

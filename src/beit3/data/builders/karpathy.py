@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field, require
+from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field, progress, require
 from beit3.data.index import IndexFormatError, read_json
 
 SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
@@ -67,7 +67,7 @@ def build_retrieval(
     for split, members in SPLITS.items():
         rows: list[dict[str, Any]] = []
         image_id = 0
-        for image in images:
+        for image in progress(images, total=len(images), desc=f"{prefix}: {split} images"):
             if image["split"] not in members:
                 continue
             path = folder(image) / image["filename"]
@@ -105,7 +105,7 @@ def build_captioning(
     splits: dict[str, list[dict[str, Any]]] = {}
     for split, members in SPLITS.items():
         rows: list[dict[str, Any]] = []
-        for image in images:
+        for image in progress(images, total=len(images), desc=f"coco_captioning: {split} images"):
             if image["split"] not in members:
                 continue
             path = root / image["filepath"] / image["filename"]

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field
+from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field, progress
 from beit3.data.index import IndexFormatError
 
 SPLITS = {"train": "train", "dev": "dev", "test-P": "test1"}
@@ -50,30 +50,31 @@ def build_nlvr2(
             continue
         rows = []
         with open(path, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise IndexFormatError(path, line_no, f"not valid JSON ({err.msg} at column {err.colno})") from None
-                needed = ("identifier", "sentence", "label") + (("directory",) if split_file == "train" else ())
-                missing = [key for key in needed if key not in record]
-                if missing:
-                    raise IndexFormatError(path, line_no, f"missing field(s) {', '.join(missing)}")
-                if record["label"] not in LABELS:
-                    raise IndexFormatError(path, line_no, f'label must be "True" or "False", got {record["label"]!r}')
-                text = record["sentence"].strip() if isinstance(record["sentence"], str) else ""
-                if not text:
-                    report.problem("empty statement", f"{path}:{line_no}")
-                    continue
-                pair = record["identifier"].rsplit("-", 1)[0]
-                folder = _pair_folder(root, split_file, record)
-                left, right = folder / f"{pair}-img0.png", folder / f"{pair}-img1.png"
-                left_ok, right_ok = checker.ok(left), checker.ok(right)  # check both so both get reported
-                if not (left_ok and right_ok):
-                    continue
-                rows.append({"image_path": image_field(left, out), "image2_path": image_field(right, out),
-                             "text": text, "label": LABELS[record["label"]], "identifier": record["identifier"]})
+            lines = handle.readlines()
+        for line_no, line in progress(enumerate(lines, start=1), total=len(lines), desc=f"nlvr2: {split}"):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise IndexFormatError(path, line_no, f"not valid JSON ({err.msg} at column {err.colno})") from None
+            needed = ("identifier", "sentence", "label") + (("directory",) if split_file == "train" else ())
+            missing = [key for key in needed if key not in record]
+            if missing:
+                raise IndexFormatError(path, line_no, f"missing field(s) {', '.join(missing)}")
+            if record["label"] not in LABELS:
+                raise IndexFormatError(path, line_no, f'label must be "True" or "False", got {record["label"]!r}')
+            text = record["sentence"].strip() if isinstance(record["sentence"], str) else ""
+            if not text:
+                report.problem("empty statement", f"{path}:{line_no}")
+                continue
+            pair = record["identifier"].rsplit("-", 1)[0]
+            folder = _pair_folder(root, split_file, record)
+            left, right = folder / f"{pair}-img0.png", folder / f"{pair}-img1.png"
+            left_ok, right_ok = checker.ok(left), checker.ok(right)  # check both so both get reported
+            if not (left_ok and right_ok):
+                continue
+            rows.append({"image_path": image_field(left, out), "image2_path": image_field(right, out),
+                         "text": text, "label": LABELS[record["label"]], "identifier": record["identifier"]})
         splits[f"nlvr2.{split}.index.jsonl"] = rows
     return finish(report, splits, strict=strict)

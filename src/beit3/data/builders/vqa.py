@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field, require
+from beit3.data.builders.common import BuildReport, ImageChecker, finish, image_field, progress, require
 from beit3.data.index import DataError, IndexFormatError, read_json, read_jsonl
 from beit3.data.vqa_answers import answer_targets, build_answer_vocab
 
@@ -89,7 +89,8 @@ def build_vqa(
             report.notes.append(f"{path.name} not found, {split} split skipped")
             continue
         rows, unanswerable = [], 0
-        for question in _questions(path):
+        questions = _questions(path)
+        for question in progress(questions, total=len(questions), desc=f"vqav2: {split} questions"):
             image = root / folder / f"COCO_{folder}_{question['image_id']:012d}.jpg"
             text = question["question"].strip() if isinstance(question["question"], str) else ""
             if not text:
@@ -128,10 +129,8 @@ def build_vqa(
     splits = {f"vqa.{split}.jsonl": rows for split, rows in rows_by_split.items()}
     splits["vqa.trainable_val.jsonl"] = [row for row in rows_by_split["val"] if row["image_id"] not in held_out]
     splits["vqa.rest_val.jsonl"] = [row for row in rows_by_split["val"] if row["image_id"] in held_out]
-    finish(report, splits, strict=strict)
-    with open(out / "answer2label.txt", "w", encoding="utf-8") as handle:
-        for answer, label in answer2label.items():
-            handle.write(json.dumps({"answer": answer, "label": label}) + "\n")
+    answer_file = "".join(json.dumps({"answer": answer, "label": label}) + "\n" for answer, label in answer2label.items())
+    finish(report, splits, strict=strict, extra={"answer2label.txt": answer_file})
     report.notes.append(f"answer2label.txt: {len(answer2label)} answers")
     return report
 
