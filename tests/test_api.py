@@ -37,7 +37,7 @@ def test_import_is_lazy_and_names_resolve():
 
 
 def test_tokenizer_follows_hugging_face_conventions(tokenizer):
-    one = tokenizer("a red circle", padding=False, truncation=False, max_length=None, return_tensors=None)
+    one = tokenizer("a red circle")  # Hugging Face's defaults: no padding, lists
     assert isinstance(one["input_ids"], list) and isinstance(one["input_ids"][0], int)  # flat for one string
     assert one["input_ids"][0] == 0 and one["input_ids"][-1] == 2 and one.attention_mask == [1] * len(one.input_ids)
     assert tokenizer.decode(one["input_ids"]) == "a red circle"
@@ -45,16 +45,15 @@ def test_tokenizer_follows_hugging_face_conventions(tokenizer):
     assert many.input_ids.shape[0] == 2 and many.input_ids.shape[1] == len(one["input_ids"])
     assert many.attention_mask[1].sum() < many.attention_mask[0].sum()
     assert tokenizer.batch_decode(many["input_ids"]) == ["a red circle", "a dog"]
-    lists = tokenizer(["a red circle", "a dog"], padding="do_not_pad", truncation=False, max_length=None,
-                      return_tensors=None)
+    lists = tokenizer(["a red circle", "a dog"], padding="do_not_pad")
     assert [len(r) for r in lists["input_ids"]] == [len(one["input_ids"]), len(tokenizer.encode("a dog"))]
-    cut = tokenizer("a red circle is there", max_length=4, padding="max_length", truncation="longest_first")
+    cut = tokenizer("a red circle is there", max_length=4, padding="max_length", truncation="longest_first",
+                    return_tensors="pt")
     assert cut["input_ids"].shape == (1, 4) and cut["input_ids"][0, -1] == 2
-    bare = tokenizer("a dog", add_special_tokens=False, padding=False, truncation=False, max_length=None,
-                     return_tensors=None)
+    bare = tokenizer("a dog", add_special_tokens=False)
     assert bare["input_ids"] == tokenizer.encode("a dog", add_special_tokens=False)
     with pytest.raises(ValueError, match="different lengths"):
-        tokenizer(["a red circle", "a dog"], padding=False, truncation=False, max_length=None, return_tensors="pt")
+        tokenizer(["a red circle", "a dog"], return_tensors="pt")
 
 
 def test_processor_returns_a_batch_that_moves(tokenizer, tmp_path):
@@ -74,7 +73,7 @@ def test_processor_returns_a_batch_that_moves(tokenizer, tmp_path):
 
 def test_outputs_index_by_name_and_position(tokenizer):
     model = beit3.Beit3ForImageTextRetrieval(Beit3Config.from_preset("tiny", vocab_size=tokenizer.vocab_size, image_size=32))
-    text = tokenizer(["a red circle", "a dog"], max_length=8, padding="max_length")
+    text = tokenizer(["a red circle", "a dog"], max_length=8, padding="max_length", truncation=True, return_tensors="pt")
     out = model(torch.rand(2, 3, 32, 32), **text)
     assert out["loss"] is out.loss and out[0] is out.loss and "logit_scale" in out
     assert torch.equal(out.logits_per_text, out.logits_per_image.t())

@@ -64,7 +64,7 @@ def model_card(model: Any, *, tags: list[str] | None = None) -> str:
 
     try:
         spec = spec_for_model(type(model))
-        task, pipeline_tag = spec.name, _PIPELINE_TAGS.get(spec.name)
+        task, pipeline_tag = spec.name, spec.hub_pipeline_tag
     except (KeyError, ValueError):
         task, pipeline_tag = "backbone", "feature-extraction"
     c = model.config
@@ -88,16 +88,6 @@ def model_card(model: Any, *, tags: list[str] | None = None) -> str:
     ]
     return "\n".join(header + [""] + body)
 
-
-_PIPELINE_TAGS = {
-    "classification": "image-classification",
-    "vqav2": "visual-question-answering",
-    "captioning": "image-to-text",
-    "retrieval": "zero-shot-image-classification",
-    "nlvr2": "image-text-to-text",
-    "segmentation": "image-segmentation",
-    "detection": "object-detection",
-}
 
 
 def push_to_hub(model: Any, repo_id: str, *, processor: Any = None, private: bool | None = None,

@@ -20,7 +20,7 @@ def test_image_text_batch(processor, trained_tokenizer):
     batch = processor(images=[RED, BLUE], text=questions)
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
-    expected = trained_tokenizer(questions, max_length=12)
+    expected = trained_tokenizer(questions, max_length=12, padding="max_length", truncation=True, return_tensors="pt")
     assert torch.equal(batch["input_ids"], expected["input_ids"])
     assert torch.equal(batch["attention_mask"], expected["attention_mask"])
     assert batch["input_ids"].shape == (2, 12) and batch["input_ids"][1, -1] == 2  # truncated, EOS kept

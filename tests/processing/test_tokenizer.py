@@ -80,7 +80,7 @@ def test_truncation_keeps_bos_and_eos(trained_tokenizer):
     text = LINES[-4]  # a long English sentence
     content = trained_tokenizer.encode(text, add_special_tokens=False)
     assert len(content) > 10
-    out = trained_tokenizer([text], max_length=8)
+    out = trained_tokenizer([text], max_length=8, padding="max_length", truncation=True, return_tensors="pt")
     assert out["input_ids"].tolist() == [[0, *content[:6], 2]]
     assert out["attention_mask"].tolist() == [[1] * 8]
     assert out["input_ids"].dtype == torch.long
@@ -90,23 +90,23 @@ def test_mixed_length_batch_pads_right(trained_tokenizer):
     short, long = "A cat.", "Two dogs playing with a red ball on the grass."
     a = trained_tokenizer.encode(short)
     b = trained_tokenizer.encode(long)
-    out = trained_tokenizer([short, long], max_length=32)
+    out = trained_tokenizer([short, long], max_length=32, padding="max_length", truncation=True, return_tensors="pt")
     assert out["input_ids"].shape == (2, 32)
     assert out["input_ids"][0].tolist() == a + [1] * (32 - len(a))
     assert out["input_ids"][1].tolist() == b + [1] * (32 - len(b))
     assert out["attention_mask"][0].tolist() == [1] * len(a) + [0] * (32 - len(a))
-    longest = trained_tokenizer([short, long], padding="longest")
+    longest = trained_tokenizer([short, long], padding="longest", return_tensors="pt")
     assert longest["input_ids"].shape == (2, len(b))
     assert longest["attention_mask"].sum(1).tolist() == [len(a), len(b)]
     lists = trained_tokenizer([short, long], padding=False, return_tensors=None)
     assert lists["input_ids"] == [a, b]
     with pytest.raises(ValueError, match="different lengths"):
-        trained_tokenizer([short, long], padding=False)
+        trained_tokenizer([short, long], padding=False, return_tensors="pt")
 
 
 def test_pretokenized_ids_like_official_index_files(trained_tokenizer):
     ids = trained_tokenizer.encode("A red car.", add_special_tokens=False)
-    out = trained_tokenizer([ids, "A red car."], max_length=16)
+    out = trained_tokenizer([ids, "A red car."], max_length=16, padding="max_length", truncation=True, return_tensors="pt")
     assert out["input_ids"][0].tolist() == out["input_ids"][1].tolist()
     with pytest.raises(ValueError, match="outside"):
         trained_tokenizer([[5, 10 ** 6]])
@@ -114,7 +114,7 @@ def test_pretokenized_ids_like_official_index_files(trained_tokenizer):
 
 def test_no_truncation_too_long_is_an_error(trained_tokenizer):
     with pytest.raises(ValueError, match="max_length=4"):
-        trained_tokenizer(["A cat sleeping on a wooden chair."], max_length=4, truncation=False)
+        trained_tokenizer(["A cat sleeping on a wooden chair."], max_length=4, padding="max_length", truncation=False)
 
 
 def test_save_and_load_round_trip(tmp_path, trained_tokenizer):

@@ -178,13 +178,13 @@ def test_mask_count_formula_by_hand():
 def test_captioning_masking_invariants_and_statistics(trained_tokenizer):
     captions = ["A cat sleeping on a wooden chair next to the window.", "A red car.",
                 "Two dogs playing with a red ball on the grass."] * 200
-    encoded = trained_tokenizer(captions, max_length=12)
+    encoded = trained_tokenizer(captions, max_length=12, padding="max_length", truncation=True, return_tensors="pt")
     labels, attention_mask = encoded["input_ids"], encoded["attention_mask"]
     assert DEFAULT_CAPTIONING_MASK_PROB == 0.6
     masked, positions = mask_caption_tokens(labels, attention_mask, DEFAULT_CAPTIONING_MASK_PROB,
                                             trained_tokenizer.mask_token_id, trained_tokenizer.vocab_size,
                                             torch.Generator().manual_seed(0))
-    assert torch.equal(labels, trained_tokenizer(captions, max_length=12)["input_ids"])  # input not modified
+    assert torch.equal(labels, trained_tokenizer(captions, max_length=12, padding="max_length", truncation=True, return_tensors="pt")["input_ids"])  # input not modified
     assert positions.dtype == torch.bool and positions.shape == labels.shape
     lengths = attention_mask.sum(1)
     assert not positions[:, 0].any()  # BOS never masked
@@ -207,7 +207,7 @@ def test_captioning_masking_invariants_and_statistics(trained_tokenizer):
 
 
 def test_masking_is_seeded_and_takes_a_probability(trained_tokenizer):
-    encoded = trained_tokenizer(["A cat sleeping on a wooden chair.", "A red car."], max_length=64)
+    encoded = trained_tokenizer(["A cat sleeping on a wooden chair.", "A red car."], max_length=64, padding="max_length", truncation=True, return_tensors="pt")
 
     def run(seed):
         return mask_caption_tokens(encoded["input_ids"], encoded["attention_mask"], 0.3,

@@ -90,7 +90,7 @@ class MaskedDataModelingDataset(Dataset):
         return loader.load(refs[index % len(refs)])
 
     def _masked_text(self, text: str, length: int, prob: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer([text], max_length=length, padding="max_length")
+        encoded = self.tokenizer([text], max_length=length, padding="max_length", truncation=True, return_tensors="pt")
         ids, attention = encoded["input_ids"], encoded["attention_mask"]
         corrupted, labels = mask_text_tokens(ids, attention, prob, mask_token_id=self.tokenizer.mask_token_id,
                                              vocab_size=self.tokenizer.vocab_size, special_ids=self.special_ids,

@@ -41,7 +41,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.source.load(self.refs[index])
-        text = self.tokenizer([sample["text"]], max_length=self.text_length, padding="max_length")
+        text = self.tokenizer([sample["text"]], max_length=self.text_length, padding="max_length", truncation=True, return_tensors="pt")
         return {"pixel_values": self.image_transform(sample["image"]),
                 "input_ids": text["input_ids"][0], "attention_mask": text["attention_mask"][0],
                 "index": torch.tensor(index)}

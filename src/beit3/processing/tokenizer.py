@@ -264,10 +264,10 @@ class Beit3Tokenizer:
     def __call__(
         self,
         text: TextInput | Sequence[TextInput],
-        padding: bool | str = "max_length",
-        truncation: bool | str = True,
-        max_length: int | None = 64,
-        return_tensors: Literal["pt"] | None = "pt",
+        padding: bool | str = False,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        return_tensors: Literal["pt"] | None = None,
         add_special_tokens: bool = True,
     ) -> BatchEncoding:
         """Encode text into ``input_ids`` and ``attention_mask`` (1 = real token, 0 = padding), with
@@ -282,7 +282,9 @@ class Beit3Tokenizer:
         * ``return_tensors``: ``"pt"`` for ``(B, L)`` tensors, ``None`` for lists. One string with
           ``return_tensors=None`` gives flat lists (``[0, 1284, 2]``), a list of strings lists of lists.
 
-        Sequences are ``<s> ... </s>`` unless ``add_special_tokens=False``.
+        Sequences are ``<s> ... </s>`` unless ``add_special_tokens=False``. The defaults are Hugging
+        Face's (no padding, no truncation, lists); a model batch is
+        ``tokenizer(texts, max_length=64, padding="max_length", truncation=True, return_tensors="pt")``.
         """
         single = isinstance(text, str) or (
             isinstance(text, Sequence) and len(text) > 0 and isinstance(text[0], int))
@@ -311,10 +313,10 @@ class Beit3Tokenizer:
     def pad(
         self,
         contents: Sequence[Sequence[int]],
-        max_length: int | None = 64,
-        padding: bool | str = "max_length",
-        truncation: bool | str = True,
-        return_tensors: Literal["pt"] | None = "pt",
+        max_length: int | None = None,
+        padding: bool | str = False,
+        truncation: bool | str = False,
+        return_tensors: Literal["pt"] | None = None,
         add_special_tokens: bool = True,
     ) -> BatchEncoding:
         """Add BOS/EOS to id lists (without special tokens), truncate, pad right and build masks."""
