@@ -109,3 +109,20 @@ def test_every_command_of_the_table_is_registered_by_its_module_with_its_summary
         helps = {choice.dest: choice.help for choice in action._choices_actions}
         assert helps[name] == summary(name)
     assert set(command_parsers()) >= set(COMMANDS)
+
+
+LIGHT_USAGE_ERRORS = [["convert"], ["finetune", "--bogus"], ["pretrain", "--bogus"], ["evaluate"],
+                      ["tokenizer", "train"], ["visual-tokenizer", "train"], ["data", "build"], ["demo", "--bogus"]]
+
+
+@pytest.mark.parametrize("argv", LIGHT_USAGE_ERRORS, ids=" ".join)
+def test_a_usage_error_answers_without_loading_torch(argv):
+    """A mistyped command line is answered by argparse alone: no torch, no models, no data code."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom beit3.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert "error:" in done.stderr, done.stderr
+    assert done.stdout.strip() == "False", f"beit3 {' '.join(argv)} imported torch to report a usage error"

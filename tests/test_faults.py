@@ -96,7 +96,7 @@ WORK = {"convert": MODEL, "finetune": MODEL, "pretrain": MODEL, "predict --outpu
         "evaluate --output": MODEL, "search index": MODEL, "search query --output": MODEL,
         "data synthetic": "beit3.data.commands.generate",
         "tokenizer train": "beit3.processing.tokenizer_training.train_tokenizer",
-        "visual-tokenizer train": "beit3.pretraining.commands.train_visual_tokenizer"}
+        "visual-tokenizer train": "beit3.pretraining.vqkd_training.train_visual_tokenizer"}
 
 
 def _forbid_work(monkeypatch: pytest.MonkeyPatch, command: str) -> None:

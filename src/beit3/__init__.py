@@ -5,7 +5,7 @@ are resolved on first use, so ``import beit3`` stays fast and loads neither torc
 """
 from __future__ import annotations
 
-import importlib
+from beit3._lazy import lazy_exports
 
 TYPE_CHECKING = False  # not typing's: importing typing would double the cost of `import beit3`
 
@@ -54,20 +54,8 @@ _EXPORTS: dict[str, str] = {
     "register_task": "beit3.catalogue",
 }
 
-__all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'beit3' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # resolved once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__, _names = lazy_exports(__name__, _EXPORTS)
+__all__ = ["__version__", *_names]
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 
 from beit3.data.synthetic import world
-from beit3.pretraining.commands import codebook_usage, train_visual_tokenizer
+from beit3.pretraining.vqkd_training import codebook_usage, train_visual_tokenizer
 from beit3.pretraining.data import collect_refs
 from beit3.pretraining.task import export_pretrained
 from beit3.pretraining.teachers import HOGTeacher

@@ -12,7 +12,7 @@ Nothing here needs a tokenizer or the models: samples are raw and a processor is
 The names below are imported on first use, so ``import beit3.data.builders`` (``beit3 data``)
 does not load torch and torchvision.
 """
-import importlib
+from beit3._lazy import by_module, lazy_exports
 
 _EXPORTS = {
     "beit3.data.datasets": ("BadImageError", "BadSampleWarning", "Collator", "ImageClassificationDataset",
@@ -23,19 +23,4 @@ _EXPORTS = {
     "beit3.data.transforms": ("TrainImageTransform", "mask_caption_tokens", "train_image_transform"),
     "beit3.data.vqa_answers": ("answer_targets", "build_answer_vocab", "normalize_answer", "soft_score"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'beit3.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, by_module(_EXPORTS))

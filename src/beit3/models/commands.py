@@ -41,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", default="beit3", choices=["beit3", "timm"],
                         help="output format: beit3 (our folder, default) or timm (an image classifier or vision "
                         "backbone as timm's beit3_* VisionTransformer)")
-    parser.add_argument("--task", default="auto", choices=["auto", "backbone", *_convertible()],
-                        help="model to build (default: auto, detected from the checkpoint's head keys)")
+    parser.add_argument("--task", default="auto",
+                        help="model to build: auto (the default: detected from the checkpoint's head keys), backbone, "
+                             "or a task whose checkpoints have a head (vqav2, captioning, classification, ...)")
     parser.add_argument("--image-size", type=int, help="resample the vision position table to this image size")
     parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64 as every release; 16 for the giant width 1408)")
     parser.add_argument("--mask-token-id", type=int,
@@ -70,6 +71,8 @@ def detect_task(state: dict) -> str:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.task not in ("auto", "backbone", *_convertible()):
+        raise ValueError(f"--task {args.task!r} is not one of: auto, backbone, {', '.join(_convertible())}")
     from beit3.catalogue import get_task
     from beit3.io import ensure_writable_dir, ensure_writable_file
     from beit3.models import Beit3Model, count_parameters

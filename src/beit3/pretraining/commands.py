@@ -6,126 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-import torchvision.transforms as T
-from torch import nn
+# torch, torchvision and the tokenizer code are imported when a command runs, not to parse it.
 
-from beit3.pretraining.teachers import HOGTeacher, TimmTeacher
-from beit3.pretraining.vqkd import VQKD, VQKDConfig
-
-
-def image_source(pattern: str):
-    """Tar shards (``*.tar`` globs) or an image folder."""
-    from beit3.data import ImageFolder, TarShards
-
-    if pattern.endswith(".tar"):
-        return TarShards(pattern)
-    if not Path(pattern).is_dir():
-        raise FileNotFoundError(f"--images {pattern} is not a folder: pass an image folder or a quoted glob of "
-                                "tar shards, e.g. 'data/synthetic/pretrain/images/*.tar'")
-    return ImageFolder(pattern)
-
-
-def build_teacher(spec: str, config: VQKDConfig, checkpoint: str | None = None, teacher_size: int | None = None) -> nn.Module:
-    """``hog`` (built in) or ``timm:<model name>`` with a local ``checkpoint``."""
-    if spec == "hog":
-        return HOGTeacher(config.patch_size)
-    if spec.startswith("timm:"):
-        name = spec.partition(":")[2]
-        clip = "clip" in name
-        return TimmTeacher(name, checkpoint, input_size=teacher_size or config.image_size,
-                           num_classes=config.teacher_dim if clip else 0, apply_head=clip)
-    raise ValueError(f"unknown teacher {spec!r}; use 'hog' or 'timm:<model name>'")
-
-
-def train_visual_tokenizer(
-    images: Sequence[Any],
-    load,
-    config: VQKDConfig,
-    teacher: nn.Module,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float = 2e-4,
-    min_lr: float = 1e-5,
-    warmup_steps: int = 0,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    log_every: int = 50,
-    device: str | torch.device = "cpu",
-    log=print,
-) -> VQKD:
-    """BEiT v2's recipe on ``images`` (references; ``load(ref)`` gives a dict with ``image``).
-
-    AdamW (0.9, 0.99), cosine schedule after a linear warmup, random resized crop (0.08, 1) +
-    flip, tokenizer and teacher both fed [0, 1] pixels. Returns the trained tokenizer (eval mode).
-    """
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    transform = T.Compose([T.RandomResizedCrop(config.image_size, scale=(0.08, 1.0),
-                                               interpolation=T.InterpolationMode.BICUBIC),
-                           T.RandomHorizontalFlip(), T.ToTensor()])
-    model = VQKD(config).to(device).train()
-    teacher = teacher.to(device).eval()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in model.no_weight_decay() else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99), eps=1e-8)
-    start = time.perf_counter()
-    for step in range(steps):
-        if step < warmup_steps:
-            current = lr * (step + 1) / warmup_steps
-        else:
-            progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-            current = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = current
-        batch = torch.stack([transform(load(rng.choice(images))["image"].convert("RGB")) for _ in range(batch_size)])
-        batch = batch.to(device)
-        out = model(batch, teacher(batch), value_range="unit")
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            used = torch.unique(out.indices).numel()
-            log(f"step {step + 1}/{steps}  rec {out.reconstruction_loss.item():.4f}  "
-                f"commit {out.commitment_loss.item():.4f}  codes in batch {used}  "
-                f"restarted {out.num_restarted}  lr {current:.2e}  {time.perf_counter() - start:.0f}s")
-    return model.eval()
-
-
-@torch.no_grad()
-def codebook_usage(model: VQKD, images: Sequence[Any], load, *, batch_size: int = 64,
-                   device: str | torch.device = "cpu") -> dict[str, float]:
-    """Used codes, their share of the codebook and the code perplexity over ``images`` (eval view)."""
-    transform = T.Compose([T.Resize((model.config.image_size, model.config.image_size),
-                                    interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
-    model = model.to(device).eval()
-    counts = torch.zeros(model.config.codebook_size, dtype=torch.float64)
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(load(ref)["image"].convert("RGB")) for ref in images[start:start + batch_size]])
-        ids = model.get_codebook_indices(batch.to(device), value_range="unit").cpu()
-        counts += torch.bincount(ids.reshape(-1), minlength=model.config.codebook_size).double()
-    probs = counts / counts.sum().clamp(min=1)
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
-    used = int((counts > 0).sum())
-    return {"used_codes": used, "codebook_size": model.config.codebook_size,
-            "usage": used / model.config.codebook_size, "perplexity": math.exp(entropy),
-            "num_patches": int(counts.sum())}
-
-
-# --------------------------------------------------------------------------------------------------
 TRAIN_EXAMPLES = """\
 examples:
   # seconds on CPU: the HOG teacher needs no weights (the synthetic world's shards)
@@ -186,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, cosine decay (default: %(default)s)")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="seed of the model, crops and sampling (default: %(default)s)")
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="where to train (default: cuda when available, else cpu)")
+    train.add_argument("--device", default="auto",
+                       help="where to train: auto (the GPU when there is one), cpu, cuda, ... (default: auto)")
     train.set_defaults(func=_run_train)
     usage = sub.add_parser(
         "usage", help="codebook usage of a tokenizer over images",
@@ -197,14 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     usage.add_argument("--tokenizer", required=True, help="a VQ-KD directory or a BEiT v2 .pth")
     usage.add_argument("--images", required=True, help="tar shards (glob ending in .tar) or an image folder")
     usage.add_argument("--limit", type=int, default=5000, help="at most this many images (default: %(default)s)")
-    usage.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="where to run (default: cuda when available, else cpu)")
+    usage.add_argument("--device", default="auto",
+                       help="where to run: auto (the GPU when there is one), cpu, cuda, ... (default: auto)")
     usage.set_defaults(func=_run_usage)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
 def _refs(pattern: str):
     from beit3.pretraining.data import collect_refs
+    from beit3.pretraining.vqkd_training import image_source
 
     source = image_source(pattern)
     return source, collect_refs(source)
@@ -212,6 +98,10 @@ def _refs(pattern: str):
 
 def _run_train(args: argparse.Namespace) -> int:
     from beit3.io import atomic_write_text, ensure_writable_dir
+    from beit3.pipelines import resolve_device
+    from beit3.pretraining.teachers import HOGTeacher
+    from beit3.pretraining.vqkd import VQKDConfig
+    from beit3.pretraining.vqkd_training import build_teacher, codebook_usage, train_visual_tokenizer
     from beit3.training.distributed import configure_threads
 
     # A read-only or full --out fails now, in one line, not after the training steps.
@@ -227,7 +117,7 @@ def _run_train(args: argparse.Namespace) -> int:
         config = VQKDConfig(**{**config.to_dict(), "teacher_dim": teacher.dim})
     source, refs = _refs(args.images)
     model = train_visual_tokenizer(refs, source.load, config, teacher, steps=args.steps, batch_size=args.batch_size,
-                                   lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=args.device,
+                                   lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, device=resolve_device(args.device),
                                    log=lambda line: print(line, file=sys.stderr))
     model.cpu().save_pretrained(args.out)
     report = codebook_usage(model, refs[:5000], source.load, device="cpu")
@@ -240,7 +130,11 @@ def _run_usage(args: argparse.Namespace) -> int:
     if not Path(args.tokenizer).exists():
         raise FileNotFoundError(f"no visual tokenizer at {args.tokenizer}: pass a folder written by "
                                 "`beit3 visual-tokenizer train` or a BEiT v2 tokenizer .pth")
+    from beit3.pipelines import resolve_device
+    from beit3.pretraining.vqkd import VQKD
+    from beit3.pretraining.vqkd_training import codebook_usage
+
     model = VQKD.from_pretrained(args.tokenizer)
     source, refs = _refs(args.images)
-    print(json.dumps(codebook_usage(model, refs[: args.limit], source.load, device=args.device)))
+    print(json.dumps(codebook_usage(model, refs[: args.limit], source.load, device=resolve_device(args.device))))
     return 0

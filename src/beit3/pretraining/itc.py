@@ -96,11 +96,11 @@ class ContrastiveTuningTask:
         return train, val
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        from beit3.training.contrastive import distributed_contrastive_loss, scale_from_logits
+        from beit3.training.contrastive import distributed_contrastive_loss
 
         out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"], return_loss=False)
-        scale = scale_from_logits(out.logits_per_image, out.image_embeds, out.text_embeds)
+        scale = out.logit_scale  # exp(logit_scale), with its gradient
         loss = distributed_contrastive_loss(out.image_embeds, out.text_embeds, scale)
         return loss, {"logit_scale": scale.detach()}
 

@@ -3,27 +3,21 @@
 Everything here turns raw inputs into the tensors BEiT-3 models take, the same on every call, so
 it is what a model folder saves for inference; training augmentation and caption masking live in
 ``beit3.data.transforms``. Nothing here imports the model, data or training packages (the
-optional model-resize helper imports them lazily).
+optional model-resize helper imports them lazily). Names are imported on first use, so the
+``beit3 tokenizer`` command starts without torchvision.
 """
-from beit3.processing.augment import RandomAugment
-from beit3.processing.image import Beit3ImageProcessor, load_image
-from beit3.processing.processor import Beit3Processor
-from beit3.processing.tokenizer import Beit3Tokenizer
-from beit3.processing.tokenizer_training import (
-    extend_tokenizer,
-    resize_model_for_tokenizer,
-    split_long_line,
-    train_tokenizer,
-)
+from beit3._lazy import lazy_exports
 
-__all__ = [
-    "Beit3ImageProcessor",
-    "Beit3Processor",
-    "Beit3Tokenizer",
-    "RandomAugment",
-    "extend_tokenizer",
-    "load_image",
-    "resize_model_for_tokenizer",
-    "split_long_line",
-    "train_tokenizer",
-]
+_MODULE_OF = {
+    "RandomAugment": "beit3.processing.augment",
+    "Beit3ImageProcessor": "beit3.processing.image",
+    "load_image": "beit3.processing.image",
+    "Beit3Processor": "beit3.processing.processor",
+    "Beit3Tokenizer": "beit3.processing.tokenizer",
+    "extend_tokenizer": "beit3.processing.tokenizer_training",
+    "resize_model_for_tokenizer": "beit3.processing.tokenizer_training",
+    "split_long_line": "beit3.processing.tokenizer_training",
+    "train_tokenizer": "beit3.processing.tokenizer_training",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _MODULE_OF)

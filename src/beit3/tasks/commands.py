@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", required=True, help="a task of the catalogue with index splits: " + _task_names())
+    parser.add_argument("--task", required=True,
+                        help="a task of the catalogue with index splits (classification, vqav2, nlvr2, retrieval, "
+                             "captioning, ...; `beit3 finetune --list-tasks` lists them all)")
     parser.add_argument("--checkpoint", required=True, help="a folder with model.safetensors and config.json")
     parser.add_argument("--recipe", help="run config to read task options from (default: the run.yaml near the checkpoint)")
     parser.add_argument("--data-root", help="folder of the index files (default: data.root of the run)")

@@ -26,7 +26,7 @@ from beit3.data import ImageTextDataset
 from beit3.models import Beit3ForImageTextRetrieval
 from beit3.tasks.common import VisionLanguageTask, index_rows, kept, model_inputs
 from beit3.tasks.metrics import retrieval_recall
-from beit3.training.contrastive import distributed_contrastive_loss, scale_from_logits
+from beit3.training.contrastive import distributed_contrastive_loss
 
 DEFAULTS: dict[str, Any] = {"dataset": "coco", "max_text_len": 64, "randaug": False}
 EMBEDDINGS = ("image_embeds", "text_embeds", "image_id", "index")
@@ -57,7 +57,7 @@ class RetrievalTask(VisionLanguageTask):
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**model_inputs(batch), return_loss=False)
-        scale = scale_from_logits(out.logits_per_image, out.image_embeds, out.text_embeds)
+        scale = out.logit_scale  # exp(logit_scale), with its gradient
         loss = distributed_contrastive_loss(out.image_embeds, out.text_embeds, scale)
         return loss, {"logit_scale": scale.detach()}
 

@@ -4,8 +4,10 @@ Kept apart from ``beit3.models``: models declare ``no_weight_decay()``, ``layer_
 ``config.num_layers``; tasks (:class:`TrainTask`) supply model, data, loss and metric; this package
 does the rest. ``Trainer(load_config("configs/x.yaml", ["optim.lr=1e-4"]), task).fit()``.
 """
-from beit3.training.config import RunConfig, load_config
-from beit3.training.loop import Trainer, TrainResult
-from beit3.training.task import TrainTask, build_task, register_task
+from beit3._lazy import by_module, lazy_exports
 
-__all__ = ["RunConfig", "TrainResult", "TrainTask", "Trainer", "build_task", "load_config", "register_task"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, by_module({
+    "beit3.training.config": ("RunConfig", "load_config"),
+    "beit3.training.loop": ("Trainer", "TrainResult"),
+    "beit3.training.task": ("TrainTask", "build_task", "register_task"),
+}))

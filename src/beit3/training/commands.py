@@ -7,11 +7,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from beit3.io import ensure_writable_dir
-from beit3.training.config import load_config, resolve_paths
-from beit3.training.loop import Trainer
-from beit3.catalogue import iter_tasks
-from beit3.training.task import TaskKind, build_task
+from typing import Literal
+
+TaskKind = Literal["pretrain", "finetune"]
+# The engine (torch, the models, the data) is imported when a run starts, not to parse arguments,
+# so `beit3 finetune` with a wrong option answers at once.
 
 _EPILOG = """\
 Any recipe key can be overridden as section.key=value (values are YAML):
@@ -74,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, kind: TaskKind) -> int:
     """Exit status: 0 done, 1 stopped on non-finite losses, 128+signal when stopped by a signal."""
+    from beit3.catalogue import iter_tasks
+
     if args.list_tasks:
         for spec in iter_tasks(kind):
             aliases = f" (also {', '.join(spec.aliases)})" if spec.aliases else ""
@@ -83,6 +85,11 @@ def run(args: argparse.Namespace, kind: TaskKind) -> int:
         problem = f"recipe not found: {args.recipe}" if args.recipe else "--recipe is required"
         raise FileNotFoundError(f"{problem}; pass a YAML recipe such as configs/{EXAMPLE_RECIPE[kind]} "
                                 "(the recipes of the release and tiny ones for the synthetic world are in configs/)")
+    from beit3.io import ensure_writable_dir
+    from beit3.training.config import load_config, resolve_paths
+    from beit3.training.loop import Trainer
+    from beit3.training.task import build_task
+
     overrides = list(args.overrides)
     objective = getattr(args, "objective", None)
     if objective and args.task and args.task != objective:

@@ -44,19 +44,3 @@ def distributed_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.
     if world > 1:
         loss = world * loss - (world - 1) * loss.detach()  # value unchanged, gradient x W
     return loss
-
-
-def scale_from_logits(logits: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """exp(logit_scale) read back from the model output, with a gradient to ``logit_scale`` only.
-
-    The model returns ``logits = S * C`` with ``C`` the cosines of its embeddings; the task needs
-    ``S`` without reaching into a (possibly DDP-wrapped or sharded) model for the parameter.
-    ``logits - S.detach() * C`` is zero in value, and its gradient reaches ``S`` but cancels on the
-    embeddings; projecting it on ``C`` and adding the detached least-squares ratio gives ``S`` with
-    exactly the parameter's gradient (the embeddings get theirs through the loss only).
-    """
-    cosines = image_embeds.float() @ text_embeds.float().t()  # (B, B), with gradient
-    fixed = cosines.detach()
-    denom = (fixed * fixed).sum()
-    scale = (logits.detach().float() * fixed).sum() / denom
-    return scale + ((logits.float() - scale * cosines) * fixed).sum() / denom
