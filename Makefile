@@ -12,6 +12,13 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-reference.txt
 	$(PIP) install -q --no-deps -r requirements-reference.txt
 	$(PIP) install -q fairscale==0.4.13 --no-deps
 	$(PIP) install -q --no-deps -e .
+	@# Headless Chromium for tests/serve/test_browser.py: only on CI or when asked, never failing the set-up.
+	@if [ "$$CI" = "true" ] || [ "$$BEIT3_INSTALL_BROWSER" = "1" ]; then \
+	  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	  elif ! command -v apt-get >/dev/null 2>&1; then echo "note: no apt-get here; the browser test will be skipped"; \
+	  else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null ) \
+	      || echo "note: installing chromium with apt-get failed; the browser test will be skipped"; fi; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,8 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("beit3.training.commands", "Fine-tune a BEiT-3 model on a downstream task"),
     "visual-tokenizer": ("beit3.pretraining.commands", "train a VQ-KD visual tokenizer and report its codebook usage"),
     "predict": ("beit3.tasks.predict", "run a fine-tuned model on your images (a sub-command per task: caption, vqa, ...)"),
-    "search": ("beit3.tasks.search", "index folders of images with a retrieval model and search them by text or image"),
+    "search": ("beit3.tasks.search_commands", "index folders of images with a retrieval model and search them by text or image"),
+    "export": ("beit3.export", "export a model folder to ONNX / torch.export graphs that onnxruntime can run"),
     "evaluate": ("beit3.tasks.commands", "score a fine-tuned checkpoint on a split (JSON + table)"),
+    "serve": ("beit3.serve", "serve models and an image index over HTTP: JSON API, batching, a web page"),
 }
 """Each command: the module whose ``register(subparsers)`` adds it, and its one-line summary.
 The overview (``beit3 --help``) is built from this table alone, without importing any module."""
