@@ -112,7 +112,8 @@ def test_every_command_of_the_table_is_registered_by_its_module_with_its_summary
 
 
 LIGHT_USAGE_ERRORS = [["convert"], ["finetune", "--bogus"], ["pretrain", "--bogus"], ["evaluate"],
-                      ["tokenizer", "train"], ["visual-tokenizer", "train"], ["data", "build"], ["demo", "--bogus"]]
+                      ["tokenizer", "train"], ["visual-tokenizer", "train"], ["data", "build"], ["demo", "--bogus"], ["search", "index"],
+                      ["search", "query", "--index", "x"], ["export"], ["serve", "--bogus"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT_USAGE_ERRORS, ids=" ".join)

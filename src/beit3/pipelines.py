@@ -166,6 +166,8 @@ def _run_instead(spec: TaskSpec) -> str:
 
 def load_model(model: ModelInput, cls: type[Beit3PreTrainedModel], name: str) -> Beit3PreTrainedModel:
     """``model`` as an instance of ``cls``, with an error that names the right task when it is another head."""
+    if getattr(model, "runtime", None) == "onnxruntime":  # an export's runner (beit3.export.runtime)
+        return model.check_task(cls, name)
     if isinstance(model, Beit3PreTrainedModel):
         if not isinstance(model, cls):
             kind, spec = model_kind(type(model).__name__)
@@ -236,12 +238,19 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model: ModelInput, *, tokenizer: TokenizerInput = None, batch_size: int = 8,
-                        device: str | torch.device | None = None, **options: Any) -> "Pipeline":
-        """Load the model and what goes with it from a model folder (see the module docstring)."""
+                        device: str | torch.device | None = None, backend: str = "torch",
+                        **options: Any) -> "Pipeline":
+        """Load the model and what goes with it from a model folder (see the module docstring).
+        ``backend="onnxruntime"``: ``model`` is an export folder (``beit3 export``), run by onnxruntime."""
         device = resolve_device(device)  # before loading: a device this machine lacks fails at once
         model_dir = Path(model) if not isinstance(model, Beit3PreTrainedModel) else None
         spec = cls.spec()
-        instance = load_model(model, cls.model_class, spec.name)
+        if backend == "torch":
+            instance = load_model(model, cls.model_class, spec.name)
+        else:
+            from beit3.export.runtime import load_runtime
+
+            instance = load_runtime(model, backend, cls.model_class, spec.name)
         return cls(instance, load_image_processor(model_dir, spec.image_mode, instance.config.image_size),
                    load_tokenizer(model_dir, tokenizer) if cls.needs_tokenizer else None,
                    max_length=text_length(model_dir), batch_size=batch_size, device=device,
@@ -497,7 +506,8 @@ def pipeline(task: str, model: ModelInput, *, tokenizer: TokenizerInput = None, 
         verb: ``captioning`` / ``caption``, ``vqav2`` / ``vqa``, ``classification`` / ``classify`` /
         ``imagenet``, ``nlvr2`` / ``visual-reasoning``, ``zero-shot`` / ``retrieval``.
     options: ``labels`` (vqa, classification: a list or a file of names), ``classes`` and
-        ``templates`` (zero-shot).
+        ``templates`` (zero-shot), ``backend="onnxruntime"`` (``model`` is an export folder of
+        ``beit3 export``; see docs/export.md).
     """
     try:
         spec = get_task(task)

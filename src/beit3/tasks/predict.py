@@ -45,6 +45,8 @@ def _add_kind(kinds: argparse._SubParsersAction, spec: Any, help_text: str, desc
     parser.add_argument("--output", type=Path, help="write the predictions to this .json or .csv file")
     parser.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    parser.add_argument("--backend", "--runtime", dest="backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="onnxruntime: --model is an export folder (`beit3 export`) (default: torch)")
     if folders:
         parser.add_argument("--recursive", action="store_true",
                             help="also take the images in sub-folders of the folders named (default: only their own files)")
@@ -175,7 +177,7 @@ def _pipeline(task: str, args: argparse.Namespace, **options: Any):
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     device = resolve_device(args.device)  # a device this machine lacks fails before the model loads
     pipe = pipeline(task, args.model, tokenizer=getattr(args, "tokenizer", None), batch_size=args.batch_size,
-                    device=device, **options)
+                    device=device, backend=getattr(args, "backend", "torch"), **options)
     if getattr(pipe, "labels", None) is not None and pipe.labels_source is None:
         flag = "--answers" if hasattr(args, "answers") else "--labels"
         print(f"note: no label names found for {args.model}; showing label numbers. Pass {flag} FILE, or put "

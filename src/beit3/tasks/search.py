@@ -24,7 +24,6 @@ kept, vanished ones dropped; a root that no longer exists is dropped from the ro
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import importlib.util
@@ -47,7 +46,7 @@ from beit3.models import Beit3ForImageTextRetrieval
 from beit3.models.base import CONFIG_NAME, WEIGHTS_NAME
 from beit3.catalogue import spec_for_model
 from beit3.data.files import IMAGE_SUFFIXES, InputReport, list_images
-from beit3.io import atomic_write, ensure_writable_dir, ensure_writable_file
+from beit3.io import atomic_write, ensure_writable_dir
 from beit3.model_folder import load_image_processor, resolve_tokenizer, text_length
 from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.processing.image import CONFIG_FILENAME as IMAGE_PROCESSOR_CONFIG
@@ -118,6 +117,11 @@ def fingerprint_model(path: str | Path) -> ModelIdentity:
     if not path.exists():
         raise FileNotFoundError(f"no model at '{path}': give a retrieval model folder "
                                 "(config.json + model.safetensors) or checkpoint file")
+    from beit3.export.runtime import exported_sha256
+
+    exported = exported_sha256(path)  # an export folder counts as the model it was exported from
+    if exported is not None:
+        return ModelIdentity(os.path.abspath(path), exported)
     if path.is_file():
         files = [path]
     else:
@@ -142,13 +146,15 @@ class RetrievalEncoder:
         device: where the model runs (``"auto"``: the GPU when there is one); embeddings always
             come back as float32 on the CPU. A GPU asked for where there is none is a ValueError.
         identity: the model's :func:`fingerprint_model`, when the caller already computed it.
+        runtime: ``"onnxruntime"``: ``model`` is an export folder (``beit3 export``) run by onnxruntime.
 
     Images go through the folder's ``preprocessor_config.json`` (a deterministic pipeline) when it
     has one, else the official retrieval eval pipeline at the model's size.
     """
 
     def __init__(self, model: str | Path, *, tokenizer: str | Path | None = None,
-                 device: str | torch.device = "cpu", identity: ModelIdentity | None = None) -> None:
+                 device: str | torch.device = "cpu", identity: ModelIdentity | None = None,
+                 runtime: str = "torch") -> None:
         from beit3.pipelines import resolve_device
 
         device = resolve_device(device)  # before any loading: "cuda" on a CPU machine is one clear error
@@ -163,7 +169,12 @@ class RetrievalEncoder:
                 raise ValueError(f"'{path}' holds a {architecture}, not a Beit3ForImageTextRetrieval: "
                                  "search needs a model fine-tuned for image-text retrieval")
         self.device = device
-        self.model = Beit3ForImageTextRetrieval.from_pretrained(path).to(self.device).eval()
+        if runtime == "torch":
+            self.model = Beit3ForImageTextRetrieval.from_pretrained(path).to(self.device).eval()
+        else:
+            from beit3.export.runtime import load_runtime
+
+            self.model = load_runtime(path, runtime, Beit3ForImageTextRetrieval, "search").to(self.device)
         self.image_processor = load_image_processor(path if path.is_dir() else None, spec_for_model(
             Beit3ForImageTextRetrieval).image_mode, self.model.config.image_size)
         self.tokenizer_given, self.model_path = tokenizer, path
@@ -252,6 +263,7 @@ class ImageIndex:
         tokenizer: tokenizer for text queries (default: the one recorded at indexing time, else
             the model folder's).
         device: where the model runs.
+        runtime: ``"onnxruntime"`` runs ``model``, an export folder, with onnxruntime.
 
     Example::
 
@@ -262,9 +274,11 @@ class ImageIndex:
     """
 
     def __init__(self, directory: str | Path, *, model: str | Path | None = None,
-                 tokenizer: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+                 tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
+                 runtime: str = "torch") -> None:
         self.directory = Path(directory)
         self.device = device
+        self.runtime = runtime
         self._model_path = model
         self._tokenizer_path = os.path.abspath(tokenizer) if tokenizer is not None else None
         self._encoder: RetrievalEncoder | None = None
@@ -305,7 +319,8 @@ class ImageIndex:
             if self.model_identity is not None and identity.sha256 != self.model_identity.sha256:
                 raise ValueError(self._mismatch_message(identity))
             tokenizer = self._tokenizer_path or self.recorded_tokenizer
-            self._encoder = RetrievalEncoder(path, tokenizer=tokenizer, device=self.device, identity=identity)
+            self._encoder = RetrievalEncoder(path, tokenizer=tokenizer, device=self.device, identity=identity,
+                                             runtime=self.runtime)
         return self._encoder
 
     def _mismatch_message(self, given: ModelIdentity) -> str:
@@ -635,148 +650,6 @@ class _ImageFiles(Dataset):
             if path not in reason:
                 reason = f"cannot read image '{path}': {reason}"
             return position, None, reason
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-INDEX_EXAMPLES = """examples:
-  beit3 search index --model runs/coco_retrieval/final --index photos.index --recursive ~/Pictures
-  beit3 search index --index photos.index                      # refresh: embed new and changed images
-  beit3 search index --index photos.index ~/Downloads/cats     # add a folder (its sub-folders not entered)
-  beit3 search index --model beit3_base_patch16_384_coco_retrieval.pth --tokenizer beit3.spm \\
-      --index coco.index --device cuda --batch-size 128 --workers 8 val2014/
-"""
-
-QUERY_EXAMPLES = """examples:
-  beit3 search query --index photos.index --text "a dog running on the beach"
-  beit3 search query --index photos.index --image query.jpg -k 10 --output hits.csv
-  beit3 search query --index photos.index --text "red car" --text "blue car" --output hits.json
-  beit3 search query --index coco.index --text "a train" --backend faiss
-"""
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from beit3.cli import summary
-
-    search = subparsers.add_parser(
-        "search", help=summary("search"),
-        description="Embed folders of images once with an image-text retrieval model (index), then find the "
-        "images closest to a text or an image (query).",
-        epilog="examples:\n  beit3 search index --model runs/coco_retrieval/final --index photos.index ~/Pictures\n"
-        "  beit3 search query --index photos.index --text \"a dog on a beach\"\n\n"
-        "Run 'beit3 search index --help' and 'beit3 search query --help' for their options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    actions = search.add_subparsers(dest="action", metavar="<action>", required=True)
-
-    index = actions.add_parser(
-        "index", help="embed new and changed images into an index folder",
-        description="Embed the images in FOLDERs (image suffixes only; hidden files skipped; sub-folders with "
-        "--recursive) into INDEX_DIR. The index remembers its folders (and which are recursive): a rerun embeds only new and changed files (by size and mtime), drops "
-        "vanished ones (and folders that no longer exist) and retries unreadable files only once they change. Unreadable files are reported on "
-        "stderr, one line each. Progress is saved every few minutes and on Ctrl-C.",
-        epilog=INDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    index.add_argument("folders", nargs="*", metavar="FOLDER", help="image folders or files to add (default: "
-                       "the index's own, refreshed)")
-    index.add_argument("--index", required=True, type=Path, metavar="INDEX_DIR", help="the index folder")
-    index.add_argument("--model", type=Path, help="retrieval model folder or checkpoint file (required for a new "
-                       "index; for an existing one it must be the model the index was built with)")
-    index.add_argument("--tokenizer", type=Path, help="tokenizer for later text queries, recorded in the index "
-                       "(default: the model folder's, or its training run's)")
-    index.add_argument("--recursive", action="store_true", help="also index the sub-folders of the FOLDERs given "
-                       "(remembered for later refreshes)")
-    _add_run_options(index)
-    index.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                       help="processes decoding images (default: %(default)s; 0 decodes in the main process)")
-    index.add_argument("--checkpoint-interval", type=float, default=600.0, metavar="SECONDS",
-                       help="save progress this often during long runs (default: %(default)s)")
-    index.set_defaults(func=run_index)
-
-    query = actions.add_parser(
-        "query", help="find the images closest to a text or an image",
-        description="Rank the indexed images by cosine similarity to each query (a text, an image, or several) "
-        "and print a table; --output also writes the hits as JSON or CSV.",
-        epilog=QUERY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    query.add_argument("--index", required=True, type=Path, metavar="INDEX_DIR", help="the index folder")
-    query.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
-    query.add_argument("--image", action="append", default=[], type=Path, help="an image query (repeatable)")
-    query.add_argument("-k", type=int, default=5, help="hits per query (default: %(default)s)")
-    query.add_argument("--output", type=Path, help="also write the hits to this .json or .csv file")
-    query.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="exact: one chunked matmul; faiss: IndexFlatIP (needs faiss-cpu); auto (default): "
-                       "faiss when installed and the index is large")
-    query.add_argument("--faiss-threshold", type=int, default=DEFAULT_FAISS_THRESHOLD, metavar="N",
-                       help="auto uses faiss from this many images on (default: %(default)s)")
-    query.add_argument("--model", type=Path, help="the index's model at another path (default: the recorded one)")
-    query.add_argument("--tokenizer", type=Path, help="tokenizer for text queries (default: the recorded one)")
-    _add_run_options(query)
-    query.set_defaults(func=run_query)
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (the GPU when there is one), cpu, cuda, cuda:1 ... (default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_index(args: argparse.Namespace) -> int:
-    from beit3.pipelines import resolve_device
-
-    device = resolve_device(args.device)
-    for folder in args.folders:
-        if not os.path.exists(folder):
-            raise FileNotFoundError(f"no such image file or folder: '{os.path.abspath(folder)}'")
-    if args.model is None:  # an existing index (or an error saying there is none); no model loaded yet
-        index = ImageIndex(args.index, tokenizer=args.tokenizer, device=device)
-        ensure_writable_dir(args.index, what="index folder")
-    else:
-        ensure_writable_dir(args.index, what="index folder")  # before loading the model or any image
-        index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=device)
-    report = index.update(args.folders, batch_size=args.batch_size, num_workers=args.workers,
-                          progress=not args.no_progress, checkpoint_interval=args.checkpoint_interval,
-                          recursive=args.recursive)
-    print(f"index '{args.index}': {len(index)} images ({len(report.added)} added, {len(report.changed)} "
-          f"changed, {len(report.removed)} removed, {report.unchanged} unchanged)")
-    if report.skipped:
-        print(f"{len(report.skipped)} unreadable files skipped (listed above); they are retried once they change")
-    if report.dropped_roots:
-        print(f"{len(report.dropped_roots)} indexed folders no longer exist and were removed from the index: "
-              + ", ".join(report.dropped_roots))
-    if report.skipped_before:
-        print(f"{report.skipped_before} files unreadable in an earlier run and unchanged since were not retried "
-              f"(listed in {args.index / INDEX_FILE})")
-    return 0
-
-
-def run_query(args: argparse.Namespace) -> int:
-    if not args.text and not args.image:
-        raise ValueError("nothing to search for: give --text \"...\" or --image PATH")
-    if args.output is not None and args.output.suffix.lower() not in (".json", ".csv"):
-        raise ValueError(f"--output must end in .json or .csv, got '{args.output}'")
-    from beit3.pipelines import resolve_device
-
-    device = resolve_device(args.device)
-    if args.output is not None:
-        ensure_writable_file(args.output, what="--output file")  # before loading and embedding anything
-    index = ImageIndex(args.index, model=args.model, tokenizer=args.tokenizer, device=device)
-    queries = [("text", text) for text in args.text] + [("image", str(path)) for path in args.image]
-    embeddings = []
-    if args.text:
-        embeddings += [index.encoder.embed_texts(args.text[i:i + args.batch_size])
-                       for i in range(0, len(args.text), args.batch_size)]
-    if args.image:
-        embeddings += [index.encoder.embed_images(args.image[i:i + args.batch_size])
-                       for i in range(0, len(args.image), args.batch_size)]
-    hits = index.search(torch.cat(embeddings), args.k, backend=args.backend, faiss_threshold=args.faiss_threshold)
-    for (kind, query), query_hits in zip(queries, hits):
-        print(f"{kind}: {query}")
-        print(f"  {'rank':>4}  {'score':>7}  path")
-        for hit in query_hits:
-            print(f"  {hit.rank:>4}  {hit.score:>7.4f}  {hit.path}")
-    if args.output is not None:
-        write_hits(args.output, queries, hits)
-        print(f"wrote {args.output}")
-    return 0
 
 
 def write_hits(path: Path, queries: Sequence[tuple[str, str]], hits: Sequence[Sequence[SearchHit]]) -> None:
