@@ -53,6 +53,11 @@ class Block(nn.Module):
         self.ffn = Experts(lambda: FeedForward(dim, config.intermediate_size, eps), ffn_experts)
         self.drop_path = drop_path
         self.has_vl_expert = has_vl_expert
+        # The rate again as a (non-saved) tensor, read only while compiling: a float attribute is a
+        # constant of the traced graph, so blocks of different rates would each compile their own;
+        # as a buffer it is an input, and every block with drop path shares one graph.
+        self.has_drop_path = drop_path > 0
+        self.register_buffer("drop_path_rate", torch.tensor(float(drop_path)), persistent=False)
 
     def forward(
         self,
@@ -69,7 +74,11 @@ class Block(nn.Module):
             the top layers then send every token through their vision-language expert.
         """
         streams = [(name, x) for name, x in (("vision", vision), ("text", text)) if x is not None]
-        keep = drop_path_mask(streams[0][1].shape[0], self.drop_path, self.training, streams[0][1])
+        if torch.compiler.is_compiling():
+            rate = self.drop_path_rate if self.training and self.has_drop_path else 0.0
+        else:
+            rate = self.drop_path
+        keep = drop_path_mask(streams[0][1].shape[0], rate, self.training, streams[0][1])
 
         attended, kv = self.attn([(name, expert(self.norm1, name)(x)) for name, x in streams], attn_mask, past_kv)
         outputs = []

@@ -1,6 +1,7 @@
 """Image captioning: masked fine-tuning under a causal text mask, beam search with a KV cache."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.config import Beit3Config
-from beit3.layers import caption_attention_mask
+from beit3.layers import KVCache, caption_attention_mask
 from beit3.models.backbone import Beit3Model
 from beit3.models.base import INIT_STD, Beit3PreTrainedModel
 from beit3.models.heads import init_head
@@ -20,31 +21,51 @@ OFFICIAL_MASK_TOKEN_ID = 64001
 
 
 def captioning_loss(
-    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, drop_worst_ratio: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    drop_worst_ratio: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL divergence to a smoothed one-hot, per masked token, averaged (the release's loss).
 
     The target word gets 1 - eps and every other word eps / (V - 1) (not eps / V as in
     ``F.cross_entropy``'s smoothing). With ``drop_worst_ratio`` r > 0, only the (1 - r) fraction
     of tokens with the lowest loss count: late in training this ignores noisy captions.
-    logits: (M, V) at the masked positions; targets: (M,) word ids.
+    logits: (..., V); targets: (...) word ids; mask: (...) bool, the tokens the loss is taken at
+    (None: all of them).
+
+    Every shape is fixed by the inputs' shapes, never by how many tokens are masked: the loss of
+    every position is computed and the masked ones averaged, and dropping the worst keeps the
+    first ``max(1, int(M * (1 - r)))`` of the M masked losses sorted ascending (the same count as
+    a top-k over the masked losses alone). So ``torch.compile`` traces it as one graph. With no
+    masked token the loss is 0 (and its gradient zero).
     """
+    vocab = logits.shape[-1]
+    logits, targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    targets = torch.where(mask, targets, torch.zeros_like(targets))  # unmasked labels may be anything (-100)
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    vocab = log_probs.shape[-1]
     eps = label_smoothing
     target_log_prob = log_probs.gather(-1, targets[:, None]).squeeze(-1)
     if eps > 0:
         other = eps / (vocab - 1)
         # sum_c t_c log t_c, the entropy term that makes this a KL divergence (0 for a one-hot).
-        entropy = (1 - eps) * torch.log(torch.tensor(1 - eps)) + eps * torch.log(torch.tensor(other))
+        entropy = (1 - eps) * math.log(1 - eps) + eps * math.log(other)
         cross = (1 - eps) * target_log_prob + other * (log_probs.sum(-1) - target_log_prob)
-        per_token = entropy.to(log_probs.device) - cross
+        per_token = entropy - cross
     else:
         per_token = -target_log_prob
+    count = mask.sum()
     if drop_worst_ratio > 0:
-        keep = max(1, int(per_token.numel() * (1 - drop_worst_ratio)))
-        per_token = per_token.topk(keep, largest=False).values
-    return per_token.mean()
+        # as int(M * (1 - r)) in Python: the product in float64 (float32 would round 10 * 0.7 below 7)
+        wide = torch.float32 if count.device.type == "mps" else torch.float64
+        keep = torch.minimum((count.to(wide) * (1 - drop_worst_ratio)).floor().long().clamp(min=1), count)
+        per_token = torch.where(mask, per_token, torch.full_like(per_token, float("inf"))).sort().values
+        mask = torch.arange(per_token.shape[0], device=per_token.device) < keep  # the `keep` lowest
+        count = keep
+    total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+    return total / count.clamp(min=1)
 
 
 class Beit3ForCaptioning(Beit3PreTrainedModel):
@@ -101,12 +122,29 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
         if labels is not None:
             if masked_positions is None:
                 raise ValueError("labels need masked_positions: the loss is taken only at the masked tokens")
-            loss = captioning_loss(logits[masked_positions], labels[masked_positions], self.label_smoothing,
-                                   drop_worst_ratio)
+            # over every position, weighted by the mask: no shape depends on how many tokens are masked
+            loss = captioning_loss(logits, labels, self.label_smoothing, drop_worst_ratio, mask=masked_positions)
         return CaptioningOutput(logits=logits, loss=loss)
 
     def _next_word_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.mlm_head(hidden[:, -1]).float(), dim=-1)  # the [MASK] slot, (B, V)
+
+    def decode_step(self, words: torch.Tensor, cache: KVCache, mask_token_id: int,
+                    num_image: int) -> tuple[torch.Tensor, KVCache]:
+        """One cached decoding step: the newest word of each sequence (N,) and the cache of the
+        ``num_image`` image tokens, BOS and the words before it -> next-word log-probabilities (N, V)
+        and the cache with the word added.
+
+        Runs the word and a [MASK] slot after it. Every length is read off the cache's shape, so the
+        step traces as one graph (``torch.compile``); the beam bookkeeping around it stays in Python.
+        """
+        past = cache.length
+        step_ids = torch.stack([words, torch.full_like(words, mask_token_id)], 1)  # (N, 2)
+        rows = caption_attention_mask(num_image, past - num_image + 2, device=words.device)[-2:]
+        out = self.beit3(input_ids=step_ids, attn_mask=rows, past_key_values=cache, use_cache=True,
+                         text_position_offset=past - num_image)
+        # keep the word, drop the [MASK] slot
+        return self._next_word_log_probs(out.last_hidden_state), out.past_key_values.truncate(past + 1)
 
     @torch.no_grad()
     def generate(
@@ -199,17 +237,12 @@ class Beit3ForCaptioning(Beit3PreTrainedModel):
             words = torch.cat([words.index_select(0, order), next_word.view(-1, 1)], dim=1)
             beam_scores = next_scores
             if use_cache:
-                cache = cache.select(order)
-                step_ids = torch.stack([next_word.view(-1), torch.full_like(next_word.view(-1), mask_id)], 1)
-                rows = caption_attention_mask(num_image, cur_len + 1, device=device)[-2:]
-                out = self.beit3(input_ids=step_ids, attn_mask=rows, past_key_values=cache, use_cache=True,
-                                 text_position_offset=cur_len - 1)
-                cache = out.past_key_values.truncate(cache.length + 1)  # keep the word, drop the [MASK] slot
+                log_probs, cache = self.decode_step(next_word.view(-1), cache.select(order), mask_id, num_image)
             else:
                 prefix = torch.cat([torch.full_like(words[:, :1], self.bos_token_id), words,
                                     torch.full_like(words[:, :1], mask_id)], dim=1)
                 out = self.beit3(images, prefix, attn_mask=caption_attention_mask(num_image, cur_len + 1, device=device))
-            log_probs = self._next_word_log_probs(out.last_hidden_state)
+                log_probs = self._next_word_log_probs(out.last_hidden_state)
             cur_len += 1
 
         rows = []

@@ -62,6 +62,9 @@ class DataSection:
     """Per-process evaluation batch; ``None`` uses the micro-batch size."""
     num_workers: int = 0
     """DataLoader worker processes per training process."""
+    strict: bool = False
+    """Raise on a bad training sample (naming its shard and key) instead of skipping and counting it
+    (tasks that stream data, e.g. pretraining)."""
 
 
 @dataclass
@@ -121,6 +124,11 @@ class TrainSection:
     """Steps between checkpoints; ``None`` checkpoints at the end of every epoch."""
     keep_last: int = 2
     """Number of periodic checkpoints kept besides the best one."""
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    """``full``: the main process gathers the whole model and writes ``model.safetensors`` (a
+    ``from_pretrained`` folder); ``sharded``: every process writes its own shards with
+    ``torch.distributed.checkpoint`` (no gather, no full copy in one process's memory; resumable on
+    another number of processes; ``beit3 convert`` makes it a ``from_pretrained`` folder)."""
     max_nonfinite_steps: int = 5
     """Stop (after writing a checkpoint) when this many consecutive steps had a non-finite loss."""
     resume: str | None = None
@@ -137,6 +145,11 @@ class TrainSection:
     """CPU threads of each process (``torch.set_num_threads``); ``None``: ``OMP_NUM_THREADS`` when set,
     else the cores this process may run on divided by the processes of this node (see
     docs/training.md: PyTorch's default oversubscribes a shared machine)."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (the units of ``parallel.block_lists``) before the
+    model is wrapped for DDP / FSDP2, after activation checkpointing (docs/training.md, "Compiling").
+    The first steps pay the compilation (tens of seconds per block kind on CPU); the losses equal
+    an uncompiled run's up to float rounding."""
 
 
 @dataclass
@@ -156,6 +169,11 @@ class ParallelSection:
     images only); costs an extra graph traversal per step, so it is off unless a task needs it."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (ZeRO-3) instead of keeping them (ZeRO-2)."""
+    meta_init: bool = False
+    """FSDP: only the main process builds (initialises or loads) the whole model; the others build it
+    on the ``meta`` device and receive their shards of the main process's values after sharding, so
+    their peak memory is one shard, not the whole model. The weights are exactly those of the eager
+    build."""
     timeout_minutes: int = 30
     """Collective timeout before a hung process group aborts."""
 

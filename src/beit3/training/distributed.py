@@ -243,6 +243,33 @@ def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
     checkpoint_blocks(blocks)
 
 
+def apply_compile(blocks: list[nn.Module], backend: str = "inductor") -> None:
+    """``torch.compile`` each block in place (torchtitan's per-block compile).
+
+    The module tree and parameter names stay as they are (checkpoints and FSDP2 see the same
+    model). Apply after activation checkpointing and before FSDP2 / DDP. Blocks
+    of one model share their code: with parameters as graph inputs (PyTorch's default), every
+    block reuses one compiled graph per kind of call (streams present, training or evaluation,
+    with or without a vision-language expert), so compilation costs about one block, not the
+    depth.
+
+    The block's ``forward`` is compiled, not its whole call: hooks stay eager around it (the
+    composable activation checkpoint, whose context manager Dynamo cannot trace, and FSDP2's
+    all-gathers), and the recomputation in backward runs the compiled forward again. Each kind of
+    call is a separate compiled graph (about ten for a model trained on images, texts and pairs, and
+    evaluated), so Dynamo's per-function recompilation limit is raised to 64 from its default of 8;
+    past it a block would silently run uncompiled. ``backend``: ``torch.compile``'s (tests use
+    ``aot_eager``, which traces the same graphs without generating kernels).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        if not getattr(block, "_beit3_compiled", False):
+            block.forward = torch.compile(block.forward, backend=backend)
+            block._beit3_compiled = True
+
+
 def apply_fsdp(
     model: nn.Module,
     blocks: list[nn.Module],
@@ -265,6 +292,42 @@ def apply_fsdp(
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def build_on_main(build: Callable[[], nn.Module], info: DistInfo) -> nn.Module:
+    """``build()`` on the main process (moved to ``info.device``), on the ``meta`` device elsewhere.
+
+    The other processes then hold no weights until :func:`materialize_from_main` (after FSDP2
+    sharding) gives them their shards of the main process's values, so the weights are exactly the
+    eager build's. Python, NumPy and torch RNG states are then set to the main process's, as if every
+    process had built the model eagerly.
+    """
+    from beit3.training.checkpoint import capture_rng_state, restore_rng_state
+
+    if info.is_main:
+        model = build().to(info.device)
+    else:
+        with torch.device("meta"):
+            model = build()
+    state = broadcast_object(capture_rng_state() if info.is_main else None)
+    if not info.is_main:
+        restore_rng_state(state)  # type: ignore[arg-type]
+    return model
+
+
+def materialize_from_main(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After ``fully_shard``: allocate the meta-built processes' shards and fill every process's shards
+    from the main process's full state dict (``full_state``, taken before sharding; None elsewhere),
+    then copy the main process's buffers (non-persistent ones are not in a state dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def apply_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:

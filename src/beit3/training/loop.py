@@ -60,6 +60,16 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _optimizer_names(flat_state: dict[str, Any]) -> dict[str, Any]:
+    """``{"param_groups": [{"params": names}], "state": {name: {}}}`` of a flattened optimizer state
+    dict (keys ``state.<name>.<field>`` / ``param_groups.<name>.<option>``), for
+    :func:`beit3.training.checkpoint.check_optimizer_state`."""
+    grouped = [key.split(".", 1)[1].rsplit(".", 1)[0] for key in flat_state if key.startswith("param_groups.")]
+    with_state = [key.split(".", 1)[1].rsplit(".", 1)[0] for key in flat_state if key.startswith("state.")]
+    return {"param_groups": [{"params": list(dict.fromkeys(grouped))}],
+            "state": {name: {} for name in dict.fromkeys(with_state)}}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -145,7 +155,9 @@ class Trainer:
         setup_task(self.task, cfg, self.dist)
         # Same seed on every process while building, so replicas (and FSDP shards) agree.
         seed_everything(cfg.train.seed)
-        model = self.task.build_model(cfg).to(self.dist.device)
+        meta_init = world > 1 and cfg.parallel.strategy == "fsdp" and cfg.parallel.meta_init
+        model = D.build_on_main(lambda: self.task.build_model(cfg), self.dist) if meta_init \
+            else self.task.build_model(cfg).to(self.dist.device)
         check_text_lengths(model, self.task, cfg)
         self.patch_size = int(getattr(getattr(model, "config", None), "patch_size", 16))
         self.train_set, self.val_set = self.task.build_datasets(cfg)
@@ -178,9 +190,15 @@ class Trainer:
         blocks = D.find_blocks(model, cfg.parallel.block_lists)
         if cfg.parallel.activation_checkpointing:
             D.apply_activation_checkpointing(blocks)
+        if cfg.train.compile:  # per block, after checkpointing and before FSDP2 / DDP, as torchtitan
+            if not blocks:
+                raise ValueError("train.compile: the model has no blocks to compile (no ModuleList named 'layers'; "
+                                 "set parallel.block_lists)")
+            D.apply_compile(blocks)
         self.raw_model = model
         self.strategy = "single"
         if world > 1 and cfg.parallel.strategy == "fsdp":
+            full_state = dict(model.state_dict()) if meta_init and self.dist.is_main else None
             D.apply_fsdp(
                 model,
                 blocks,
@@ -188,6 +206,9 @@ class Trainer:
                 param_dtype=None if cfg.train.precision == "fp32" else self.autocast_dtype,
                 reshard_after_forward=cfg.parallel.reshard_after_forward,
             )
+            if meta_init:
+                D.materialize_from_main(model, full_state, self.dist.device)
+                del full_state
             self.model = model
             self.strategy = "fsdp"
         elif world > 1:
@@ -260,6 +281,11 @@ class Trainer:
         path = self._resume_path()
         if path is None:
             return
+        state = self._load_sharded(path) if ckpt.is_sharded(path) else self._load_full(path)
+        self._restore_trainer_state(path, state)
+
+    def _load_full(self, path: Path) -> dict[str, Any]:
+        """Model, EMA and optimizer from a full checkpoint (every process reads the whole files)."""
         model_state, state, ema_state = ckpt.load_checkpoint(path)
         load_opts = StateDictOptions(full_state_dict=True)
         if self.ema is not None and ema_state is not None:
@@ -287,6 +313,9 @@ class Trainer:
         by_name = dict(self.raw_model.named_parameters())
         for name in stateless:
             self.optimizer.state.pop(by_name[name], None)
+        return state
+
+    def _restore_trainer_state(self, path: Path, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -294,6 +323,9 @@ class Trainer:
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_run = int(state["nonfinite_run"])
         self.best = state["best"]
+        if "data_skipped" in state and callable(getattr(self.task, "load_skipped_samples", None)):
+            # The counts of all processes continue on the main one (totals stay right on any world size).
+            self.task.load_skipped_samples(state["data_skipped"] if self.dist.is_main else {})
         if state["global_batch"] != self.cfg.data.batch_size:
             logger.warning("resuming with batch %d instead of %d: the data position is approximate",
                            self.cfg.data.batch_size, state["global_batch"])
@@ -309,7 +341,10 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save(self) -> Path | None:
-        """Gather full state on the main process and write a checkpoint (collective call)."""
+        """Gather full state on the main process and write a checkpoint (collective call); with
+        ``train.checkpoint_format: sharded`` every process writes its own shards instead."""
+        if self.cfg.train.checkpoint_format == "sharded":
+            return self._save_sharded()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.raw_model, options=opts)
         optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
@@ -320,6 +355,7 @@ class Trainer:
             ema_state = {k: v.clone() for k, v in get_model_state_dict(self.raw_model, options=opts).items()}
             self.ema.swap(self.raw_model)
         rng = D.all_gather_objects(ckpt.capture_rng_state())
+        skipped = self._skipped_everywhere()
         path = None
         if self.dist.is_main:
             trainer_state = {
@@ -333,6 +369,8 @@ class Trainer:
                 "nonfinite_run": self.nonfinite_run,
                 "best": self.best,
             }
+            if skipped is not None:
+                trainer_state["data_skipped"] = skipped
             texts = {"run.yaml": self.cfg.to_yaml()}
             model_config = self._model_config_json()
             if model_config is not None:
@@ -346,6 +384,84 @@ class Trainer:
             ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.train.keep_last)
         D.barrier()
         return path
+
+    def _trainer_state(self, rng: list[Any], skipped: dict[str, Any] | None) -> dict[str, Any]:
+        """What a checkpoint holds besides the tensors of the model and the optimizer."""
+        state = {
+            "step": self.step,
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "global_batch": self.cfg.data.batch_size,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_run": self.nonfinite_run,
+            "best": self.best,
+        }
+        if skipped is not None:
+            state["data_skipped"] = skipped
+        return state
+
+    def _save_sharded(self) -> Path | None:
+        """Every process writes its shards with DCP; nothing is gathered (collective call)."""
+        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
+        state: dict[str, Any] = {"model": get_model_state_dict(self.raw_model), "optim": optim_state}
+        if self.ema is not None:
+            self.ema.swap(self.raw_model)
+            state["ema"] = {k: v.clone() for k, v in get_model_state_dict(self.raw_model).items()}
+            self.ema.swap(self.raw_model)
+        rng = D.all_gather_objects(ckpt.capture_rng_state())
+        skipped = self._skipped_everywhere()
+        trainer_state = texts = None
+        if self.dist.is_main:
+            trainer_state = self._trainer_state(rng, skipped)
+            # The optimizer's parameter names (plain strings), to check a resume against before loading.
+            trainer_state["optimizer_names"] = _optimizer_names(optim_state)
+            texts = {"run.yaml": self.cfg.to_yaml()}
+            model_config = self._model_config_json()
+            if model_config is not None:
+                texts["config.json"] = model_config
+        path = ckpt.save_sharded_checkpoint(self.checkpoint_root, self.step, state=state, trainer_state=trainer_state,
+                                            text_files=texts, is_main=self.dist.is_main, barrier=D.barrier)
+        if self.dist.is_main:
+            if self.best is not None and self.best["step"] == self.step:
+                ckpt.write_best(self.checkpoint_root, self.step, self.task.spec.metric, self.best["value"])
+            ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.train.keep_last)
+        D.barrier()
+        return path
+
+    def _load_sharded(self, path: Path) -> dict[str, Any]:
+        """Model, EMA and optimizer from a DCP checkpoint, re-sharded onto this run's processes."""
+        state = ckpt.load_trainer_state(path)
+        names: dict[int, list[str]] = {}
+        for name, param in self.raw_model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        trainable = [names[id(p)][0] for group in self.optimizer.param_groups for p in group["params"]]
+        aliases = {alias: known[0] for known in names.values() for alias in known[1:]}
+        stateless = ckpt.check_optimizer_state(trainable, state["optimizer_names"], aliases)
+        saved = ckpt.sharded_keys(path)
+        if self.ema is not None and any(key.startswith("ema.") for key in saved):
+            self.ema.swap(self.raw_model)
+            target = {"ema": get_model_state_dict(self.raw_model)}
+            ckpt.load_sharded(path, target)
+            set_model_state_dict(self.raw_model, target["ema"])
+            self.ema.swap(self.raw_model)
+        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
+        # Parameters that never had a gradient have no saved moments: load everything else.
+        optim_state = {k: v for k, v in optim_state.items() if not k.startswith("state.") or f"optim.{k}" in saved}
+        target = {"model": get_model_state_dict(self.raw_model), "optim": optim_state}
+        ckpt.load_sharded(path, target)
+        set_model_state_dict(self.raw_model, target["model"])
+        set_optimizer_state_dict(self.raw_model, self.optimizer, optim_state_dict=target["optim"],
+                                 options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))
+        by_name = dict(self.raw_model.named_parameters())
+        for name in stateless:
+            self.optimizer.state.pop(by_name[name], None)
+        if stateless:
+            logger.info("resume: %d parameter(s) never received a gradient and have no optimizer state (e.g. %s)",
+                        len(stateless), stateless[0])
+        return state
 
     def _model_config_json(self) -> str | None:
         """The model's own config, so a checkpoint folder is also a ``from_pretrained`` folder."""
@@ -430,6 +546,31 @@ class Trainer:
         if self.scaler.is_enabled():
             out["loss_scale"] = float(self.scaler.get_scale())
         return out
+
+    def _skipped_everywhere(self) -> dict[str, dict[str, int]] | None:
+        """Bad samples skipped by all processes, source -> shard -> count, for tasks that count them
+        (``task.skipped_samples()``); collective."""
+        own = getattr(self.task, "skipped_samples", None)
+        if not callable(own):
+            return None
+        merged: dict[str, dict[str, int]] = {}
+        for part in D.all_gather_objects(own()):
+            for source, shards in part.items():
+                into = merged.setdefault(source, {})
+                for shard, count in shards.items():
+                    into[shard] = into.get(shard, 0) + int(count)
+        return merged
+
+    def _skip_totals(self) -> dict[str, float]:
+        """``skipped_<source>``: bad samples skipped so far by all processes (collective)."""
+        own = getattr(self.task, "skipped_samples", None)
+        if not callable(own):
+            return {}
+        counts = own()
+        names = sorted(counts)
+        totals = torch.tensor([float(sum(counts[n].values())) for n in names], dtype=torch.float64)
+        totals = D.all_reduce_sum(totals.to(self.dist.device)).cpu()
+        return {f"skipped_{name}": totals[i].item() for i, name in enumerate(names)}
 
     def _num_tokens(self, batch: dict[str, Any]) -> int:
         """Tokens in a micro-batch (the task's own count when it has one), for tokens/s."""
@@ -528,7 +669,8 @@ class Trainer:
                         tokens_s = window_tokens / elapsed
                         if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                             run_log.log("train", self.step, {**out, "lr": lr, "samples_per_s": samples_s,
-                                                             "tokens_per_s": tokens_s, "epoch": epoch})
+                                                             "tokens_per_s": tokens_s, "epoch": epoch,
+                                                             **self._skip_totals()})
                             window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                         run_log.progress(1, {"loss": f"{out['loss']:.4f}", "lr": f"{lr:.2e}",
                                              "samples/s": f"{samples_s:.1f}", "tok/s": f"{tokens_s:.0f}"})
@@ -567,6 +709,7 @@ class Trainer:
             "samples_per_s": round((self.step - start_step) * cfg.data.batch_size / max(wall, 1e-9), 2),
             "final_train_loss": last.get("loss"),
             "nonfinite_steps_skipped": self.nonfinite_total,
+            **({"data_skipped": skipped} if (skipped := self._skipped_everywhere()) is not None else {}),
             "best_" + self.task.spec.metric: None if self.best is None else self.best["value"],
             "best_step": None if self.best is None else self.best["step"],
             "output_dir": str(self.output_dir),
@@ -590,6 +733,9 @@ class Trainer:
         """Copy the newest weights (EMA when enabled) to ``final/`` as a from_pretrained folder."""
         newest = ckpt.list_checkpoints(self.checkpoint_root)[0]
         final = self.output_dir / "final"
+        if ckpt.is_sharded(newest):
+            ckpt.consolidate(newest, final, ema=self.ema is not None)
+            return
         final.mkdir(exist_ok=True)
         source = ckpt.EMA_FILE if (newest / ckpt.EMA_FILE).is_file() else ckpt.MODEL_FILE
         for name, target in ((source, ckpt.MODEL_FILE), ("config.json", "config.json")):
