@@ -125,3 +125,24 @@ def test_label_names_are_found_from_another_folder(world, tmp_path, monkeypatch)
     names, source = resolve_label_names(tmp_path / "run" / "final", 24, None, "imagenet.classes.txt")
     assert source == str(world / "index" / "imagenet.classes.txt")
     assert names == (world / "index" / "imagenet.classes.txt").read_text().split("\n")[:24]
+
+
+def test_convert_gathers_a_sharded_checkpoint_into_a_model_folder(world, tmp_path):
+    """`beit3 convert` on a sharded (torch.distributed.checkpoint) checkpoint of a real task writes the
+    folder `from_pretrained` reads, with the run's final weights."""
+    from safetensors.torch import load_file
+
+    from beit3.models import Beit3ForVisualQuestionAnswering
+    from tests.faults import run_cli
+
+    out = tmp_path / "run"
+    cfg = _config("vqav2", world, out, "schedule.max_steps=2", "train.checkpoint_format=sharded")
+    Trainer(cfg, build_task(cfg)).fit()
+    step = ckpt.find_resumable(out / "checkpoints")
+    assert ckpt.is_sharded(step)
+    code, printed, err = run_cli(["convert", step, tmp_path / "converted"])
+    assert code == 0, err
+    assert "sharded checkpoint gathered" in err and "Beit3ForVisualQuestionAnswering" in printed
+    model = Beit3ForVisualQuestionAnswering.from_pretrained(tmp_path / "converted")
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())

@@ -2,8 +2,16 @@
 
 Large image-text corpora come as WebDataset tar shards: a plain tar whose consecutive members
 sharing a *key* (the path up to the first dot of the file name) form one sample, e.g. ``000123.jpg``
-+ ``000123.txt``. They are read here with the standard ``tarfile`` module; only uncompressed tars are
-supported, because resuming needs to seek.
++ ``000123.txt`` (+ ``000123.json``, as img2dataset writes them). Local uncompressed tars are read
+with the standard ``tarfile`` module by offset, so a sample can be re-read and resuming only reads
+headers. Compressed shards (``.tar.gz``, ``.tgz``) and URLs (``http(s)://``, ``pipe:<command>``) are
+*streamed* with the ``webdataset`` library (``pip install beit3[webdataset]``): each sample's bytes
+are read in order and kept in memory until it is decoded, and resuming re-reads the slot's shards of
+the current epoch up to the saved position (bytes only, nothing decoded) — exact, but the bytes are
+fetched again.
+
+A shard that cannot be read (a truncated tar, a failed download) ends that shard: the samples read
+before stay, the rest of the shard is counted as skipped and the stream moves on (``strict`` raises).
 
 How a stream stays correct at scale:
 
@@ -20,6 +28,8 @@ How a stream stays correct at scale:
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
 import glob
 import io
 import json
@@ -28,7 +38,7 @@ import random
 import re
 import tarfile
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +53,17 @@ from beit3.data.index import DataError, EmptyDatasetError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 META_KEYS = ("__slot__", "__epoch__", "__position__")
+STREAM_PREFIXES = ("http://", "https://", "pipe:")
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz")
+INDEX_FILE = "beit3_shards.json"
+"""Per-folder index of shard sample counts (see :func:`shard_sample_counts`)."""
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+"""What reading a damaged or vanished shard raises."""
+
+
+def is_streamed(shard: str) -> bool:
+    """Whether a shard must be read front to back: a URL, a ``pipe:`` command or a compressed tar."""
+    return shard.startswith(STREAM_PREFIXES) or shard.lower().endswith(COMPRESSED_SUFFIXES)
 
 
 class Source(Protocol):
@@ -69,6 +90,8 @@ def expand_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], suffix: 
         width = len(first) if first.startswith("0") else 0
         return [path for n in range(int(first), int(last) + 1)
                 for path in expand_paths(text[: match.start()] + str(n).zfill(width) + text[match.end():], suffix)]
+    if text.startswith(STREAM_PREFIXES):
+        return [text]  # a URL or command: only {a..b} ranges expand ("?" may be a query string)
     if os.path.isdir(text):
         return sorted(str(path) for path in Path(text).rglob(f"*{suffix}"))
     if any(char in text for char in "*?["):
@@ -81,6 +104,8 @@ def _decode(extension: str, data: bytes, where: str) -> Any:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise BadImageError(f"refusing image {where}: {err}") from None
         except (OSError, SyntaxError, ValueError) as err:
             raise BadImageError(f"cannot read image {where}: {err}") from None
     if extension in ("txt", "text", "caption"):
@@ -101,6 +126,133 @@ class TarRef:
     members: tuple[tuple[str, int, int], ...]
 
 
+@dataclass(frozen=True)
+class StreamedSample:
+    """One sample of a streamed shard: its key and, per extension, the member's bytes."""
+
+    shard: str
+    key: str
+    members: tuple[tuple[str, bytes], ...]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member: the key is the path up to the first dot of the file name."""
+    folder, base = os.path.split(name)
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _group(shard: str, members: Iterable[tuple[str, Any]], make: Callable[..., Any]) -> Iterator[Any]:
+    """Consecutive (name, payload) members sharing a key become one ``make(shard, key, members)``."""
+    key, group = None, []
+    for name, payload in members:
+        member_key, extension = _split_name(name)
+        if member_key != key and group:
+            yield make(shard, key, tuple(group))
+            group = []
+        key = member_key
+        group.append((extension, *payload) if isinstance(payload, tuple) else (extension, payload))
+    if group:
+        yield make(shard, key, tuple(group))
+
+
+def open_stream(url: str) -> Any:
+    """A readable binary stream of a shard: ``webdataset.gopen`` for URLs and ``pipe:`` commands."""
+    if not url.startswith(STREAM_PREFIXES):
+        return open(url, "rb")
+    try:
+        from webdataset.gopen import gopen
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise DataError(f"reading {url} needs the webdataset package: pip install 'beit3[webdataset]'") from None
+    return gopen(url, "rb")
+
+
+def _stream_members(url: str) -> Iterator[tuple[str, bytes]]:
+    stream = open_stream(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:  # "|*": sequential, gzip or plain
+            for info in tar:
+                if info.isfile():
+                    handle = tar.extractfile(info)
+                    yield info.name, handle.read() if handle is not None else b""
+    finally:
+        stream.close()  # webdataset's pipes raise here when curl or the command failed
+
+
+def shard_sample_counts(shards: Sequence[str], *, write: bool = True) -> list[int | None]:
+    """Samples per local shard, from ``beit3_shards.json`` in each shard's folder.
+
+    A shard missing from its folder's index, or whose size or modification time changed, is counted
+    by reading its headers; the index is then rewritten (atomically, when the folder is writable),
+    so later starts (and the other ranks) only read one small file and ``stat`` each shard.
+    Streamed shards (URLs, compressed tars) give ``None``: counting them means reading them.
+    """
+    by_folder: dict[str, list[int]] = {}
+    for position, shard in enumerate(shards):
+        if not is_streamed(shard):
+            by_folder.setdefault(os.path.dirname(os.path.abspath(shard)), []).append(position)
+    counts: list[int | None] = [None] * len(shards)
+    for folder, positions in by_folder.items():
+        index_path = os.path.join(folder, INDEX_FILE)
+        try:
+            with open(index_path, encoding="utf-8") as handle:
+                known = json.load(handle).get("shards", {})
+        except (OSError, ValueError, AttributeError):
+            known = {}
+        changed = False
+        for position in positions:
+            shard = shards[position]
+            name = os.path.basename(shard)
+            stat = os.stat(shard)
+            entry = known.get(name)
+            if not (isinstance(entry, dict) and entry.get("bytes") == stat.st_size
+                    and entry.get("mtime_ns") == stat.st_mtime_ns):
+                entry = {"samples": _count_readable(shard), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+                known[name] = entry
+                changed = True
+            counts[position] = int(entry["samples"])
+        if changed and write:
+            _write_index(index_path, known)
+    return counts
+
+
+def _count_readable(shard: str) -> int:
+    """Samples of a local shard up to where it cannot be read (a truncated tar keeps its first ones)."""
+    count = 0
+    try:
+        for _ in _local_refs(shard):
+            count += 1
+    except SHARD_ERRORS as err:
+        warnings.warn(f"shard {shard} is damaged after {count} samples ({err}); the rest is skipped",
+                      BadSampleWarning, stacklevel=3)
+    return count
+
+
+def _write_index(path: str, shards: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump({"version": 1, "shards": dict(sorted(shards.items()))}, handle)
+        os.replace(tmp, path)  # ranks writing at once write the same content
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        warnings.warn(f"cannot write the shard index {path} ({err}); shards are counted again next time",
+                      stacklevel=3)
+
+
+def write_shard_index(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, int]:
+    """Count the samples of local shards once and record them in each folder's ``beit3_shards.json``."""
+    paths = [path for path in expand_paths(shards) if not is_streamed(path)]
+    return dict(zip(paths, (int(n) for n in shard_sample_counts(paths))))
+
+
+def _local_refs(shard: str) -> Iterator[TarRef]:
+    with tarfile.open(shard, mode="r:") as tar:
+        members = ((info.name, (info.offset_data, info.size)) for info in tar if info.isfile())
+        yield from _group(shard, members, TarRef)
+
+
 class TarShards:
     """WebDataset-format tar shards. Samples get ``image`` (first image member) and ``text`` (``.txt``) fields."""
 
@@ -114,22 +266,15 @@ class TarShards:
     def units(self) -> list[str]:
         return list(self.shards)
 
-    def refs(self, unit: str) -> Iterator[TarRef]:
-        key, members = None, []
-        with tarfile.open(unit, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                folder, name = os.path.split(info.name)
-                stem, _, extension = name.partition(".")
-                member_key = f"{folder}/{stem}" if folder else stem
-                if member_key != key and members:
-                    yield TarRef(unit, key, tuple(members))
-                    members = []
-                key = member_key
-                members.append((extension.lower(), info.offset_data, info.size))
-        if members:
-            yield TarRef(unit, key, tuple(members))
+    def refs(self, unit: str) -> Iterator[TarRef | StreamedSample]:
+        """Offsets of a local tar's samples; a streamed shard's samples with their bytes."""
+        if is_streamed(unit):
+            return _group(unit, _stream_members(unit), StreamedSample)
+        return _local_refs(unit)
+
+    def sample_counts(self) -> list[int | None]:
+        """Samples per shard from the shard index (:func:`shard_sample_counts`)."""
+        return shard_sample_counts(self.shards)
 
     def _handle(self, shard: str) -> io.BufferedReader:
         # A small LRU of open files: the shuffle buffer mixes samples of a few recent shards.
@@ -141,12 +286,10 @@ class TarShards:
                 self._handles.popitem(last=False)[1].close()
         return self._handles[shard]
 
-    def load(self, ref: TarRef) -> dict[str, Any]:
-        handle = self._handle(ref.shard)
+    def load(self, ref: TarRef | StreamedSample) -> dict[str, Any]:
         sample: dict[str, Any] = {"__key__": ref.key, "__url__": ref.shard}
-        for extension, offset, size in ref.members:
-            handle.seek(offset)
-            value = _decode(extension, handle.read(size), f"{ref.shard}:{ref.key}.{extension}")
+        for extension, data in self._member_bytes(ref):
+            value = _decode(extension, data, f"{ref.shard}:{ref.key}.{extension}")
             sample[extension] = value
             if extension in IMAGE_EXTENSIONS and "image" not in sample:
                 sample["image"] = value
@@ -154,9 +297,93 @@ class TarShards:
             sample["text"] = sample["txt"]
         return sample
 
+    def _member_bytes(self, ref: TarRef | StreamedSample) -> Iterator[tuple[str, bytes]]:
+        if isinstance(ref, StreamedSample):
+            yield from ref.members
+            return
+        handle = self._handle(ref.shard)
+        for extension, offset, size in ref.members:
+            handle.seek(offset)
+            data = handle.read(size)
+            if len(data) != size:
+                raise DataError(f"{ref.shard}:{ref.key}.{extension} is truncated ({len(data)} of {size} bytes)")
+            yield extension, data
+
     def __getstate__(self) -> dict[str, Any]:
         # Open files cannot cross into data-loader worker processes; each worker reopens its own.
         return {**self.__dict__, "_handles": OrderedDict()}
+
+
+class ShardRefs(Sequence):
+    """The sample references of local tar shards as a lazy sequence, for random access (map-style datasets).
+
+    Its length comes from the shard index (:func:`shard_sample_counts`), so building it reads one
+    small file per folder, not every tar header; a shard's references are read the first time one of
+    its samples is asked for, once per process (data-loader worker). An item a damaged shard no
+    longer holds is ``None`` (the dataset skips and counts it).
+    """
+
+    def __init__(self, source: TarShards) -> None:
+        streamed = [shard for shard in source.shards if is_streamed(shard)]
+        if streamed:
+            raise DataError(f"{streamed[0]} is streamed (a URL, pipe: or a compressed tar) and cannot be read by "
+                            "random access; download / decompress the shards to local .tar files, or read them "
+                            "with SampleStream")
+        self.source = source
+        counts = [int(n or 0) for n in source.sample_counts()]
+        self.starts = [0]
+        for count in counts:
+            self.starts.append(self.starts[-1] + count)
+        self._cache: dict[int, list[TarRef]] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> TarRef | None:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        shard = bisect.bisect_right(self.starts, index) - 1
+        refs = self._cache.get(shard)
+        if refs is None:
+            refs = self._cache[shard] = self._read(self.source.shards[shard])
+        local = index - self.starts[shard]
+        return refs[local] if local < len(refs) else None
+
+    @staticmethod
+    def _read(shard: str) -> list[TarRef]:
+        refs: list[TarRef] = []
+        try:
+            refs.extend(_local_refs(shard))
+        except SHARD_ERRORS as err:
+            warnings.warn(f"shard {shard} is damaged after {len(refs)} samples ({err}); the rest is skipped",
+                          BadSampleWarning, stacklevel=3)
+        return refs
+
+    def shard_of(self, index: int) -> str:
+        return self.source.shards[bisect.bisect_right(self.starts, index % len(self)) - 1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}  # each worker reads the shards it touches
+
+
+class RefRange(Sequence):
+    """``refs[start:stop]`` of a lazy reference sequence, without reading it."""
+
+    def __init__(self, refs: Sequence, start: int, stop: int) -> None:
+        self.refs, self.start, self.stop = refs, start, max(start, stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.refs[self.start + index % len(self)]
+
+    def shard_of(self, index: int) -> str | None:
+        shard_of = getattr(self.refs, "shard_of", None)
+        return shard_of(self.start + index % len(self)) if shard_of else None
 
 
 class ImageFolder:
@@ -192,6 +419,11 @@ class TextFiles:
         self.files = expand_paths(files, suffix=".txt")
         if not self.files:
             raise EmptyDatasetError(f"no text file matches {files}")
+        shards = [path for path in self.files if path.lower().endswith((".tar", *COMPRESSED_SUFFIXES))
+                  or path.startswith(STREAM_PREFIXES) or (os.path.isfile(path) and tarfile.is_tarfile(path))]
+        if shards:
+            raise DataError(f"{shards[0]} is a tar shard, but texts are read from plain text files (one sample "
+                            "a line); image-text shards belong in the pairs source, images in the images source")
 
     def units(self) -> list[str]:
         return list(self.files)
@@ -260,6 +492,8 @@ class SampleStream(IterableDataset):
         self.strict = strict
         self.epoch = 0
         self.skipped = 0
+        self.skipped_by_shard: Counter[str] = Counter()
+        """Skipped samples per unit (shard or file) in this process; a damaged shard counts once."""
         self._resume: dict[int, tuple[int, int]] = {}
         self._resume_slots: int | None = None
 
@@ -286,14 +520,28 @@ class SampleStream(IterableDataset):
         units = self.source.units()
         random.Random(self.seed * 1_000_003 + epoch).shuffle(units)
         if len(units) >= slots:
-            refs: Iterable[Any] = (ref for unit in units[slot::slots] for ref in self.source.refs(unit))
+            refs: Iterable[Any] = (ref for unit in units[slot::slots] for ref in self._unit_refs(unit))
         else:
-            every = (ref for unit in units for ref in self.source.refs(unit))
+            every = (ref for unit in units for ref in self._unit_refs(unit))
             refs = (ref for number, ref in enumerate(every) if number % slots == slot)
         if self.shuffle_buffer > 1:
             rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + slot)
             refs = buffered_shuffle(refs, self.shuffle_buffer, rng)
         return iter(refs)
+
+    def _unit_refs(self, unit: str) -> Iterator[Any]:
+        """A unit's references; a unit that fails to read ends there (counted once), unless ``strict``."""
+        try:
+            yield from self.source.refs(unit)
+        except SHARD_ERRORS as err:
+            if self.strict:
+                raise DataError(f"cannot read shard {unit}: {err}") from err
+            self._skip(unit, f"shard {unit} cannot be read further: {err}")
+
+    def _skip(self, unit: str | None, message: str) -> None:
+        self.skipped += 1
+        self.skipped_by_shard[str(unit)] += 1
+        warnings.warn(f"skipping sample: {message}", BadSampleWarning, stacklevel=4)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, slots = self.slot()
@@ -318,17 +566,45 @@ class SampleStream(IterableDataset):
 
     def _load(self, ref: Any) -> dict[str, Any] | None:
         try:
-            sample = self.source.load(ref)
-            missing = [name for name in self.fields if not sample.get(name)]
-            if missing:
-                raise DataError(f"sample {sample.get('__key__')} has no {', '.join(missing)}")
-        except (BadImageError, DataError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            return load_checked(self.source, ref, self.fields)
+        except DataError as err:
             if self.strict:
                 raise
-            self.skipped += 1
-            warnings.warn(f"skipping sample: {err}", BadSampleWarning, stacklevel=3)
+            self._skip(getattr(ref, "shard", None) or _unit_of(ref), str(err))
             return None
-        return sample
+
+
+def _unit_of(ref: Any) -> str | None:
+    if isinstance(ref, tuple) and ref and isinstance(ref[0], str):
+        return ref[0]  # TextFiles: (path, line, text)
+    return ref if isinstance(ref, str) else None
+
+
+SAMPLE_ERRORS = (BadImageError, DataError, UnicodeDecodeError, json.JSONDecodeError, ValueError, OSError)
+"""What decoding one bad sample raises (an undecodable, truncated or oversized image, bad text or JSON)."""
+
+
+def load_checked(source: Source, ref: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """``source.load(ref)`` with every one of ``fields`` present and non-empty; any failure is a
+    ``DataError`` naming the shard and key (``<shard>:<key>``)."""
+    where = f"{getattr(ref, 'shard', None) or _unit_of(ref) or '?'}:{getattr(ref, 'key', None) or '?'}"
+    try:
+        sample = source.load(ref)
+    except SAMPLE_ERRORS as err:
+        message = str(err)
+        raise DataError(message if where in message else f"{where}: {message}") from err
+    if "__url__" in sample:
+        where = f"{sample['__url__']}:{sample.get('__key__')}"
+    elif "__key__" in sample:
+        where = str(sample["__key__"])
+    for name in fields:
+        value = sample.get(name)
+        if value is None:
+            hint = {"text": " (no .txt member)", "image": " (no image member)"}.get(name, "")
+            raise DataError(f"{where} has no {name}{hint}")
+        if isinstance(value, str) and not value.strip():
+            raise DataError(f"{where} has an empty {name}")
+    return sample
 
 
 class PositionTracker:

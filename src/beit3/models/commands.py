@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   beit3 convert timm-beit3-base/model.safetensors models/in1k-timm        # timm weights (vision only)
   beit3 convert hf-beit3-vqa/ models/vqa-hf                              # a Hugging Face BEiT-3 PR folder
   beit3 convert models/in1k-base in1k-timm.safetensors --to timm          # ours -> a timm file
+  beit3 convert runs/giant/checkpoints/step_20000 models/giant            # a sharded training checkpoint
 
 The output folder loads with Beit3Model.from_pretrained / Beit3For<Task>.from_pretrained and is what
 model.pretrained and `beit3 evaluate --checkpoint` take. With --to timm the output is one file that
@@ -48,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64 as every release; 16 for the giant width 1408)")
     parser.add_argument("--mask-token-id", type=int,
                         help="captioning: id of <mask> in your tokenizer (default 64001, the official one)")
+    parser.add_argument("--ema", action="store_true",
+                        help="a training checkpoint saved with EMA: convert the averaged weights")
     parser.add_argument("--init-head", action="store_true",
                         help="start a fresh head for --task instead of requiring it in the checkpoint")
     parser.set_defaults(func=run_convert)
@@ -73,6 +76,28 @@ def detect_task(state: dict) -> str:
 def run_convert(args: argparse.Namespace) -> int:
     if args.task not in ("auto", "backbone", *_convertible()):
         raise ValueError(f"--task {args.task!r} is not one of: auto, backbone, {', '.join(_convertible())}")
+    from beit3.training.checkpoint import is_sharded
+
+    if args.checkpoint.is_dir() and is_sharded(args.checkpoint):
+        # A sharded training checkpoint (torch.distributed.checkpoint): gathered in this one process into
+        # our folder format first, then converted like any of our folders.
+        import tempfile
+
+        from beit3.io import ensure_writable_dir
+        from beit3.training.checkpoint import consolidate
+
+        if args.to == "beit3":
+            ensure_writable_dir(args.output)
+        with tempfile.TemporaryDirectory(prefix="beit3-consolidate-") as staged:
+            consolidate(args.checkpoint, staged, ema=args.ema)
+            print(f"{args.checkpoint}: sharded checkpoint gathered ({'EMA' if args.ema else 'model'} weights)",
+                  file=sys.stderr)
+            args.checkpoint = Path(staged)
+            return _convert(args)
+    return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from beit3.catalogue import get_task
     from beit3.io import ensure_writable_dir, ensure_writable_file
     from beit3.models import Beit3Model, count_parameters

@@ -8,19 +8,35 @@ Masking happens here, on the CPU, per sample: the block mask of each image (and 
 image, when ``pair_mask_image``), the BERT corruption of each text and caption. Visual-token
 targets are *not* computed here: they need the tokenizer's forward, which the task runs on the
 accelerator for the whole batch (as BEiT v2 does).
+
+A bad sample (an undecodable, truncated or oversized image, a pair without ``.txt``, an empty
+caption) never stops a run: it is replaced by the next sample of its source (``index + 1``, ...,
+so the choice is the same on a resumed run) and recorded under the sample's ``__skips__`` key as
+``(source, shard)``; :func:`pretraining_collate` gathers those into the batch and the task counts
+them. ``strict=True`` raises a ``DataError`` naming the shard and key instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms as T
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
+from beit3.data.datasets import BadSampleWarning
+from beit3.data.index import DataError
+from beit3.data.streams import RefRange, ShardRefs, TarShards, load_checked
 from beit3.pretraining.masking import BlockMaskingGenerator, mask_text_tokens
+
+SKIPS_KEY = "__skips__"
+"""Sample / batch key listing the ``(source, shard)`` of every bad sample replaced to make it."""
+SOURCE_FIELDS = {"images": ("image",), "texts": ("text",), "pairs": ("image", "text")}
+MAX_BAD_IN_A_ROW = 64
+"""Consecutive bad samples after which a source is taken for broken (a ``DataError``)."""
 
 MEAN = STD = (0.5, 0.5, 0.5)  # BEiT-3's normalisation, and the [-1, 1] range VQ-KD expects
 
@@ -70,12 +86,13 @@ class MaskedDataModelingDataset(Dataset):
     def __init__(self, images: tuple[Any, list[Any]], texts: tuple[Any, list[Any]], pairs: tuple[Any, list[Any]],
                  tokenizer: Any, *, image_size: int, patch_size: int, options: MaskingOptions = MaskingOptions(),
                  train: bool = True, seed: int = 0, crop_scale: Sequence[float] = (0.2, 1.0),
-                 color_jitter: float = 0.4, horizontal_flip: bool = True) -> None:
+                 color_jitter: float = 0.4, horizontal_flip: bool = True, strict: bool = False) -> None:
         for name, (_, refs) in (("images", images), ("texts", texts), ("pairs", pairs)):
             if not refs:
                 raise ValueError(f"the pretraining {name} source is empty")
         self.images, self.texts, self.pairs = images, texts, pairs
         self.tokenizer, self.options, self.train, self.seed = tokenizer, options, train, seed
+        self.strict = strict
         self.transform = pretraining_transform(image_size, train, crop_scale, color_jitter, horizontal_flip)
         grid = image_size // patch_size
         self.masker = BlockMaskingGenerator.from_ratio(grid, options.image_mask_ratio,
@@ -85,9 +102,26 @@ class MaskedDataModelingDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.images[1]), len(self.texts[1]), len(self.pairs[1]))
 
-    def _load(self, source: tuple[Any, list[Any]], index: int) -> dict[str, Any]:
-        loader, refs = source
-        return loader.load(refs[index % len(refs)])
+    def _load(self, name: str, index: int, skips: list[tuple[str, str]]) -> dict[str, Any]:
+        """Sample ``index`` of source ``name``, or the next good one after it (bad ones go to ``skips``)."""
+        loader, refs = getattr(self, name)
+        for attempt in range(MAX_BAD_IN_A_ROW):
+            position = (index + attempt) % len(refs)
+            ref = refs[position]
+            try:
+                if ref is None:  # a damaged shard ended before the index's count
+                    raise DataError(f"{refs.shard_of(position)}: sample {position} is missing (the shard is damaged)")
+                return load_checked(loader, ref, SOURCE_FIELDS[name])
+            except DataError as err:
+                if self.strict:
+                    raise DataError(f"pretraining {name}: {err} (data.strict=true)") from err
+                shard = getattr(ref, "shard", None) or (ref[0] if isinstance(ref, tuple) else None)
+                if shard is None and hasattr(refs, "shard_of"):
+                    shard = refs.shard_of(position)
+                skips.append((name, str(shard)))
+                warnings.warn(f"pretraining {name}: skipping sample: {err}", BadSampleWarning, stacklevel=2)
+        raise DataError(f"pretraining {name}: {MAX_BAD_IN_A_ROW} bad samples in a row from sample {index}; "
+                        "the source looks broken")
 
     def _masked_text(self, text: str, length: int, prob: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer([text], max_length=length, padding="max_length", truncation=True, return_tensors="pt")
@@ -106,9 +140,10 @@ class MaskedDataModelingDataset(Dataset):
         generator = torch.Generator().manual_seed(seed)
         opts = self.options
 
-        image = self._load(self.images, index)["image"]
-        text = self._load(self.texts, index)["text"]
-        pair = self._load(self.pairs, index)
+        skips: list[tuple[str, str]] = []
+        image = self._load("images", index, skips)["image"]
+        text = self._load("texts", index, skips)["text"]
+        pair = self._load("pairs", index, skips)
         masks = self.masker(2, rng)
         text_part = self._masked_text(text, opts.text_length, opts.text_mask_prob, generator)
         pair_part = self._masked_text(pair["text"], opts.caption_length, opts.pair_mask_prob, generator)
@@ -125,9 +160,30 @@ class MaskedDataModelingDataset(Dataset):
         }
         if opts.pair_mask_image:
             sample["pair_image_mask"] = masks[1]
+        sample[SKIPS_KEY] = skips
         return sample
+
+
+def pretraining_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` of the tensors; ``__skips__`` becomes one list for the whole batch."""
+    skips = [skip for sample in samples for skip in sample.get(SKIPS_KEY, ())]
+    batch = default_collate([{k: v for k, v in sample.items() if k != SKIPS_KEY} for sample in samples])
+    batch[SKIPS_KEY] = skips
+    return batch
 
 
 def collect_refs(source: Any) -> list[Any]:
     """Every sample reference of a :mod:`beit3.data.streams` source, in order."""
     return [ref for unit in source.units() for ref in source.refs(unit)]
+
+
+def source_refs(source: Any) -> Sequence[Any]:
+    """The references of a source for random access: lazy (:class:`ShardRefs`, counts from the shard
+    index) for tar shards, every reference for the others (text files hold their text already)."""
+    return ShardRefs(source) if isinstance(source, TarShards) else collect_refs(source)
+
+
+def split_refs(refs: Sequence[Any], val_size: int) -> tuple[Sequence[Any], Sequence[Any]]:
+    """(train, validation) references: the last ``val_size`` are held out."""
+    cut = len(refs) - val_size
+    return RefRange(refs, 0, cut), RefRange(refs, cut, len(refs))

@@ -15,6 +15,8 @@ Relative paths are taken under ``data.root``.
   Defaults: the synthetic world's ``pretrain/images/*.tar``, ``pretrain/pairs/*.tar``,
   ``pretrain/texts.txt``.
 * ``val_size``: samples of each source held out for validation (default 32).
+* bad samples are skipped and counted per source and shard (``skipped_<source>`` in metrics.jsonl,
+  ``data_skipped`` in summary.json); ``data.strict=true`` raises instead, naming shard and key.
 * masking: ``text_mask_prob`` (0.15), ``pair_mask_prob`` (0.5), ``image_mask_ratio`` (0.4),
   ``min_block_patches`` (16), ``pair_mask_image`` (true), ``text_length`` (64), ``caption_length`` (32).
 * augmentation: ``crop_scale`` ([0.2, 1.0]), ``color_jitter`` (0.4), ``horizontal_flip`` (true; the
@@ -38,10 +40,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import default_collate
-
 from beit3.catalogue import TaskSpec, register_task
-from beit3.pretraining.data import MaskedDataModelingDataset, MaskingOptions, collect_refs
+from beit3.pretraining.data import (
+    SKIPS_KEY,
+    SOURCE_FIELDS,
+    MaskedDataModelingDataset,
+    MaskingOptions,
+    pretraining_collate,
+    source_refs,
+    split_refs,
+)
 from beit3.pretraining.vqkd import VQKD
 
 logger = logging.getLogger(__name__)
@@ -64,7 +72,7 @@ class MaskedDataModelingTask:
                                                                               "pair_mim")}},
     )
 
-    collate_fn = staticmethod(default_collate)  # the dataset gives fixed-shape rows for every stream
+    collate_fn = staticmethod(pretraining_collate)  # fixed-shape rows for every stream, plus the skipped samples
 
     def __init__(self, cfg: Any) -> None:
         options = dict(cfg.task.options)
@@ -85,6 +93,7 @@ class MaskedDataModelingTask:
         self.root = Path(cfg.data.root) if cfg.data.root else None
         self.cfg = cfg
         self._tokenizers: tuple[Any, VQKD] | None = None
+        self._skipped: dict[str, dict[str, int]] = {name: {} for name in SOURCE_FIELDS}
 
     def setup(self, cfg: Any, dist: Any = None) -> None:
         """Load the visual tokenizer and get the text tokenizer: trained on the corpus when none is
@@ -162,17 +171,17 @@ class MaskedDataModelingTask:
         val_size = int(opts.get("val_size", 32))
         train, val = {}, {}
         for name, source in sources.items():
-            refs = collect_refs(source)
+            refs = source_refs(source)  # tar shards: counts from the shard index, headers read lazily
             if len(refs) <= val_size:
                 raise ValueError(f"pretraining {name}: {len(refs)} samples, not more than val_size={val_size}")
-            train[name] = (source, refs[: len(refs) - val_size] if val_size else refs)
-            val[name] = (source, refs[len(refs) - val_size:])
+            train[name], val[name] = ((source, part) for part in split_refs(refs, val_size))
         common = dict(tokenizer=self.tokenizer, image_size=cfg.model.image_size,
                       patch_size=cfg.model.image_size // self.visual_tokenizer.config.grid_size,
                       options=self.masking, seed=cfg.train.seed,
                       crop_scale=tuple(opts.get("crop_scale", (0.2, 1.0))),
                       color_jitter=float(opts.get("color_jitter", 0.4)),
-                      horizontal_flip=bool(opts.get("horizontal_flip", True)))
+                      horizontal_flip=bool(opts.get("horizontal_flip", True)),
+                      strict=bool(getattr(cfg.data, "strict", False)))
         train_set = MaskedDataModelingDataset(train["images"], train["texts"], train["pairs"], train=True, **common)
         val_set = MaskedDataModelingDataset(val["images"], val["texts"], val["pairs"], train=False, **common) \
             if val_size else None
@@ -184,7 +193,7 @@ class MaskedDataModelingTask:
         device = batch["image_pixel_values"].device
         if next(tokenizer.parameters()).device != device:
             tokenizer.to(device)
-        inputs = {k: v for k, v in batch.items() if k != "is_padding"}
+        inputs = {k: v for k, v in batch.items() if k not in ("is_padding", SKIPS_KEY)}
         with torch.no_grad():
             inputs["image_labels"] = tokenizer.get_codebook_indices(batch["image_pixel_values"].float())
             if "pair_image_mask" in batch:
@@ -194,7 +203,24 @@ class MaskedDataModelingTask:
     def _weighted_loss(self, out: Any) -> torch.Tensor:
         return sum(self.loss_weights[name] * result.loss for name, result in out.streams().items())
 
+    # ------------------------------------------------------------------------------ data counts
+    def skipped_samples(self) -> dict[str, dict[str, int]]:
+        """Bad training samples this process skipped so far: source -> shard -> count (every source listed)."""
+        return {name: dict(shards) for name, shards in self._skipped.items()}
+
+    def load_skipped_samples(self, state: Mapping[str, Mapping[str, int]]) -> None:
+        """Continue the counts of a checkpoint (:meth:`skipped_samples` of the run that wrote it)."""
+        self._skipped = {name: {} for name in SOURCE_FIELDS}
+        for name, shards in state.items():
+            self._skipped.setdefault(name, {}).update({str(k): int(v) for k, v in shards.items()})
+
+    def _count_skips(self, batch: dict[str, Any]) -> None:
+        for name, shard in batch.pop(SKIPS_KEY, None) or ():
+            counts = self._skipped.setdefault(name, {})
+            counts[shard] = counts.get(shard, 0) + 1
+
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        self._count_skips(batch)  # counted as the batch is consumed, so prefetching never counts twice
         out = model(**self._inputs(batch))
         logs = {}
         for name, result in out.streams().items():
@@ -210,7 +236,7 @@ class MaskedDataModelingTask:
         sharded model needs each process in every forward, so a batch is never skipped.
         """
         keep = ~batch["is_padding"].bool()
-        batch = {k: v[keep] for k, v in batch.items() if k != "is_padding"}
+        batch = {k: v[keep] for k, v in batch.items() if k not in ("is_padding", SKIPS_KEY)}
         inputs = self._inputs(batch)
         streams = model(**inputs).streams()
         if batch["pair_pixel_values"].shape[0] > 1:  # every caption with another sample's image
@@ -276,9 +302,16 @@ def export_pretrained(run_dir: str | Path, out_dir: str | Path, *, checkpoint: s
     """
     from beit3.models import Beit3ForPreTraining
 
+    import tempfile
+
+    from beit3.training.checkpoint import consolidate, is_sharded
+
     run_dir = Path(run_dir)
     source = Path(checkpoint) if checkpoint is not None else run_dir / "final"
-    model = Beit3ForPreTraining.from_pretrained(source)
+    with tempfile.TemporaryDirectory() as scratch:
+        if is_sharded(source):  # train.checkpoint_format=sharded: gather the shards into one folder first
+            source = consolidate(source, Path(scratch) / "weights")
+        model = Beit3ForPreTraining.from_pretrained(source)
     out = model.save_pretrained(out_dir)
     tokenizer_dir = run_dir / "text_tokenizer"
     if tokenizer_dir.is_dir():

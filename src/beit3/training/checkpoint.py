@@ -9,8 +9,14 @@ A checkpoint is a folder ``step_<8 digits>/`` holding
 * ``run.yaml``: the run configuration;
 * ``manifest.json``: written last, the step and the size and SHA-256 of every file.
 
-Everything is written into ``step_<n>.tmp-<pid>/`` and the folder is renamed into place only when
-complete, so a run killed mid-save leaves a temp folder that resume ignores and the previous
+With ``train.checkpoint_format: sharded`` the weights, optimizer moments and EMA are instead a
+``torch.distributed.checkpoint`` (DCP) folder ``sharded/`` that every process writes its own shards
+into (no gather onto one process); DCP re-shards on load, so such a checkpoint resumes on another
+number of processes. :func:`consolidate` turns one into a ``config.json`` + ``model.safetensors`` folder.
+
+Everything is written into ``step_<n>.tmp-<pid>/`` (sharded: ``step_<n>.tmp-sharded/``, the same name
+on every process) and the folder is renamed into place only when complete (after every process
+finished its shards), so a run killed mid-save leaves a temp folder that resume ignores and the previous
 checkpoint intact. Resume verifies the manifest and falls back to older checkpoints on mismatch.
 A save that fails (a full disk, a quota) removes its temp folder and raises one ``OSError`` naming
 the checkpoint folder and the plain reason; earlier checkpoints are untouched. Files get the
@@ -96,6 +102,17 @@ def _os_error_of(err: BaseException) -> OSError | None:
     return None
 
 
+def _raise_named(err: BaseException, final: Path) -> None:
+    """Re-raise a failed write as one ``OSError`` naming the checkpoint folder (or as it is)."""
+    cause = _os_error_of(err) if isinstance(err, Exception) else None
+    if cause is None:
+        raise err
+    reason = describe_os_error(cause, reason_only=True)
+    if reason.startswith("["):  # no plain wording for this errno: the system's own
+        reason = cause.strerror or os.strerror(cause.errno)
+    raise OSError(cause.errno, reason, str(final)) from None
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -117,13 +134,13 @@ def save_checkpoint(
         _write_folder(tmp, step, model_state, trainer_state, ema_state, text_files)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        cause = _os_error_of(err) if isinstance(err, Exception) else None
-        if cause is None:
-            raise
-        reason = describe_os_error(cause, reason_only=True)
-        if reason.startswith("["):  # no plain wording for this errno: the system's own
-            reason = cause.strerror or os.strerror(cause.errno)
-        raise OSError(cause.errno, reason, str(final)) from None
+        _raise_named(err, final)
+    _move_into_place(tmp, final)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    root = final.parent
     if final.exists():
         # Same step saved twice (e.g. the last periodic save and the end of training): swap the
         # old folder out first so there is never a moment without a complete copy on disk.
@@ -134,7 +151,6 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     fsync_dir(root)
-    return final
 
 
 def _write_folder(tmp: Path, step: int, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any],
@@ -152,13 +168,145 @@ def _write_folder(tmp: Path, step: int, model_state: dict[str, torch.Tensor], tr
         torch.save(trainer_state, handle)
     for name, text in (text_files or {}).items():
         (tmp / name).write_text(text)
+    _write_manifest(tmp, step)
+
+
+def _write_manifest(tmp: Path, step: int, **extra: Any) -> None:
+    """``manifest.json`` (last): size and SHA-256 of every file below ``tmp``, by relative path."""
     files = {}
-    for path in sorted(tmp.iterdir()):
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         fsync_file(path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+        files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
+        fsync_dir(folder)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, **extra, "files": files}, indent=2))
     fsync_file(tmp / MANIFEST)
     fsync_dir(tmp)
+
+
+SHARDED_DIR = "sharded"
+"""The DCP folder inside a sharded checkpoint."""
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint folder holds a DCP (sharded) checkpoint."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    state: dict[str, Any],
+    trainer_state: dict[str, Any] | None,
+    text_files: dict[str, str] | None = None,
+    is_main: bool = True,
+    barrier: Any = None,
+) -> Path | None:
+    """Write a DCP checkpoint atomically: a collective call on every process.
+
+    ``state`` (model, optimizer, EMA state dicts; DTensors for FSDP) goes through
+    ``torch.distributed.checkpoint.save`` into ``step_<n>.tmp-sharded/sharded``, each process writing
+    its own shards (replicated tensors, e.g. under DDP, once). Once every process has finished, the
+    main one adds ``trainer_state`` (which it alone passes), the text files and the manifest, and
+    renames the folder into place: a run killed before that leaves a temp folder that is never resumed.
+    Returns the folder on the main process, None on the others.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    barrier = barrier or (lambda: None)
+    final = checkpoint_path(root, step)
+    tmp = final.with_name(f"{final.name}.tmp-sharded")
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a save killed half-way
+        tmp.mkdir()
+    barrier()
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not _distributed())
+    except BaseException as err:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_named(err, final)
+    barrier()  # every process's shards are on disk
+    if not is_main:
+        return None
+    try:
+        with open(tmp / STATE_FILE, "wb") as handle:
+            torch.save(trainer_state, handle)
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text)
+        _write_manifest(tmp, step, format="sharded")
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_named(err, final)
+    _move_into_place(tmp, final)
+    return final
+
+
+def sharded_keys(path: Path) -> set[str]:
+    """The flattened keys (``model.<name>``, ``optim.state.<name>.exp_avg``, ...) a sharded checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(Path(path) / SHARDED_DIR)).read_metadata().state_dict_metadata)
+
+
+def load_sharded(path: Path, state: dict[str, Any]) -> None:
+    """Load a sharded checkpoint into ``state`` in place (collective with a process group): each
+    process reads the pieces of its own shards, whatever the number of processes that saved it."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=str(Path(path) / SHARDED_DIR), no_dist=not _distributed())
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def consolidate(path: str | Path, out_dir: str | Path, *, ema: bool = False) -> Path:
+    """Turn a checkpoint folder (sharded or full) into a ``from_pretrained`` folder: ``config.json`` +
+    ``model.safetensors`` with the full weights (``ema=True``: the averaged weights, when saved).
+
+    Runs in one process without a process group, whatever the number of processes that saved it;
+    ``beit3 convert`` calls it. The files are written atomically, into ``out_dir`` (created).
+    """
+    from beit3.io import atomic_write
+
+    path, out = Path(path), Path(out_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder")
+    if is_sharded(path):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        keys = sharded_keys(path)
+        prefix = "ema." if ema and any(k.startswith("ema.") for k in keys) else "model."
+        wanted = {k for k in keys if k.startswith(prefix)}  # not the optimizer moments (2x the weights)
+        loaded: dict[str, Any] = {}
+        if wanted:  # in this process alone, even when it belongs to a process group (the end of a run)
+            _load_state_dict(loaded, storage_reader=FileSystemReader(str(path / SHARDED_DIR)), no_dist=True,
+                             planner=_EmptyStateDictLoadPlanner(keys=wanted))
+        weights = loaded.get(prefix.rstrip("."), {})
+    elif (path / MODEL_FILE).is_file():
+        source = EMA_FILE if ema and (path / EMA_FILE).is_file() else MODEL_FILE
+        weights = load_file(str(path / source))
+    else:
+        raise ValueError(f"{path} holds neither {SHARDED_DIR}/ nor {MODEL_FILE}: not a training checkpoint")
+    if not weights:
+        raise ValueError(f"{path} holds no model weights")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MODEL_FILE, lambda tmp: _save_tensors(weights, Path(tmp)))
+    if (path / "config.json").is_file():
+        atomic_write(out / "config.json", lambda tmp: shutil.copyfile(path / "config.json", tmp))
+    return out
 
 
 def list_checkpoints(root: Path) -> list[Path]:
