@@ -115,7 +115,8 @@ def configs_dir() -> Path:
                             "a checkout of the beit3 repository (the recipes are not part of the wheel)")
 
 
-def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = False) -> dict[str, Any]:
+def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = False,
+             threads: int | None = None) -> dict[str, Any]:
     """Run every stage into ``out`` and write ``out/report``; returns the results."""
     out = Path(out)
     if fresh and out.exists():
@@ -127,7 +128,8 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
     stages = Stages(total=4 + 2 * len(plan.finetunes), fresh=fresh)
     # train.resume=auto: a stage killed half-way continues from its newest checkpoint (or starts over when
     # it had none) instead of being refused for the run folder it left behind
-    common = [f"train.seed={seed}", "train.progress_bar=true", "train.resume=auto"]
+    common = [f"train.seed={seed}", "train.progress_bar=true", "train.resume=auto",
+              *([f"train.threads={threads}"] if threads is not None else [])]
 
     stages.run(f"generating the synthetic world ({plan.world})", world / "synthetic.json",
                lambda: _call("data", "synthetic", "--out", world, "--size", plan.world, "--seed", seed))

@@ -55,24 +55,23 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+"""PyTorch's own choice at start-up (one thread per physical core), before any run changed it."""
+
+
 def default_threads(local_world_size: int) -> int:
     """CPU threads for one of ``local_world_size`` processes on this node: ``OMP_NUM_THREADS`` when
-    set, else half the logical CPUs this process may run on (its affinity mask, which containers and
-    ``taskset`` narrow) shared out between the processes, at least 1.
+    set (torchrun sets 1 for several processes), else PyTorch's own default (the physical cores)
+    shared out between the processes, at least 1.
 
-    Half, because logical CPUs are usually two per physical core (PyTorch's own default is the
-    physical cores), and because on a machine shared with other jobs a thread count equal to the
-    CPUs makes every parallel op wait for its slowest, descheduled thread: on 2 shared cores a
-    tiny fine-tune ran 5-15x slower with 2 threads than with 1 (docs/training.md).
+    On a machine shared with other jobs fewer threads are faster (an op split over every core waits
+    for its slowest, descheduled thread); there set ``train.threads`` or ``OMP_NUM_THREADS`` (see
+    docs/training.md, "CPU threads", for the measurements both ways).
     """
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // 2 // max(1, local_world_size))
+    return max(1, _TORCH_DEFAULT_THREADS // max(1, local_world_size))
 
 
 def configure_threads(threads: int | None) -> int:

@@ -26,14 +26,27 @@ from typing import Any
 logger = logging.getLogger("beit3.training")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of the first
+    run: a later run in the same process (a notebook, a test) may have redirected or closed it."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_console_logging(is_main: bool) -> None:
     """Warnings from every process, info from the main one, one line each on stderr."""
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
 
 
