@@ -139,7 +139,7 @@ META_INIT = textwrap.dedent("""
     assert not bad, bad
     buffers = dict(model.named_buffers())
     assert all(torch.equal(buffers[k], b) for k, b in eager.named_buffers())
-    print("rank", info.rank, "identical", len(want), flush=True)
+    print(f"rank {info.rank} identical {len(want)}", flush=True)  # one write: ranks share the pipe
 """)
 
 
