@@ -2,7 +2,7 @@
 
 ``torch._dynamo.explain`` runs Dynamo's tracer only (no Inductor), so these checks are cheap. Inputs
 are padded: padding is the path that builds key-padding masks, and under tracing padded and
-unpadded text take the same code (the eager-only check `_host_checks` is skipped), so padded alone
+unpadded text take the same code (the eager-only check `host_checks` is skipped), so padded alone
 covers both. The loss paths (captioning's masked tokens, pretraining's masked tokens and patches)
 are where shapes used to depend on the data.
 """
@@ -214,3 +214,44 @@ def test_drop_path_rate_as_a_tensor_draws_the_same_distribution():
     block = Beit3Model(LAYOUTS["decoupled"].replace(num_layers=2, drop_path_rate=0.2)).layers[1]
     assert block.drop_path_rate.item() == pytest.approx(0.2) and block.has_drop_path
     assert "drop_path_rate" not in block.state_dict()  # not saved: checkpoints are unchanged
+
+
+def test_off_cpu_the_pretraining_streams_take_the_fixed_shape_path(monkeypatch):
+    """Where reading a mask back would stall the device (not eager CPU), the heads score every
+    position (no boolean indexing); the loss is the row path's."""
+    import beit3.models.pretraining as P
+
+    config = LAYOUTS["decoupled"]
+    pixels, ids, padding = inputs()
+    labels = torch.full((BATCH, TEXT), -100)
+    labels[:, 1] = ids[:, 1]
+    model = Beit3ForPreTraining(config, visual_vocab_size=16).eval()
+    rows = model(text_input_ids=ids, text_attention_mask=padding, text_labels=labels)
+    calls = []
+    real = P._stream_result
+    monkeypatch.setattr(P, "host_checks", lambda tensor: False)
+    monkeypatch.setattr(P, "_stream_result", lambda *a, dense: calls.append(dense) or real(*a, dense=dense))
+    dense = model(text_input_ids=ids, text_attention_mask=padding, text_labels=labels)
+    assert calls == [True]
+    torch.testing.assert_close(dense.loss, rows.loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forward_passes_never_wait_for_the_gpu():
+    """With CUDA's sync debug mode set to error, a padded VQA forward and a pretraining step run:
+    no value is read back to the host."""
+    cuda = torch.device("cuda")
+    config = LAYOUTS["decoupled"]
+    pixels, ids, padding = (t.to(cuda) for t in inputs())
+    labels = torch.full((BATCH, TEXT), -100, device=cuda)
+    labels[:, 1] = ids[:, 1]
+    vqa = Beit3ForVisualQuestionAnswering(config, num_labels=5).to(cuda).eval()
+    pretrain = Beit3ForPreTraining(config, visual_vocab_size=16).to(cuda).train()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vqa(pixels, ids, padding)
+        pretrain(text_input_ids=ids, text_attention_mask=padding, text_labels=labels).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -108,7 +108,7 @@ def take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
     return sorted(chosen)
 
 
-def _host_checks(tensor: torch.Tensor) -> bool:
+def host_checks(tensor: torch.Tensor) -> bool:
     """Whether checks that read tensor values may run: in eager mode on CPU tensors, where reading
     costs no device synchronisation, or anywhere with ``BEIT3_CHECK_INPUTS=1`` (debugging). Never
     while ``torch.compile``/``torch.export`` trace, so the model stays one graph."""
@@ -320,7 +320,7 @@ class Beit3Model(Beit3PreTrainedModel):
         Whether anything is padded is only asked where the answer costs nothing (eager, CPU): on an
         accelerator, or while compiling, the mask is always built, so a forward never waits for the
         device (the attention result is the same either way)."""
-        if attention_mask is None or (_host_checks(attention_mask) and bool(attention_mask.all())):
+        if attention_mask is None or (host_checks(attention_mask) and bool(attention_mask.all())):
             return None
         parts = [attention_mask.bool()]
         batch = attention_mask.shape[0]
@@ -365,9 +365,9 @@ class Beit3Model(Beit3PreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"batch sizes differ: pixel_values has {pixel_values.shape[0]} images, "
                              f"input_ids has {input_ids.shape[0]} texts")
-        # Value checks read the tensors back: done only where that is free (see _host_checks). On a GPU
+        # Value checks read the tensors back: done only where that is free (see host_checks). On a GPU
         # an out-of-range id still fails, in the embedding kernel, with a device-side assert.
-        values = _host_checks(input_ids)
+        values = host_checks(input_ids)
         if values and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
             raise ValueError(f"input_ids contains ids outside the vocabulary [0, {config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3.config import Beit3Config
-from beit3.models.backbone import Beit3Model
+from beit3.models.backbone import Beit3Model, host_checks
 from beit3.models.base import INIT_STD, Beit3PreTrainedModel
 from beit3.models.heads import init_head
 
@@ -74,11 +74,12 @@ def _stream_result(head: nn.Module, hidden: torch.Tensor, picked: torch.Tensor, 
                    dense: bool) -> StreamResult:
     """Cross-entropy and accuracy of ``head`` at the ``picked`` positions of ``hidden`` (..., D).
 
-    Eager (``dense`` False), the head runs on the picked rows only: the MLM head over a 64k
-    vocabulary costs about half a base block per token, and 15% of text tokens are picked. The
-    number of picked rows depends on the data, which ``torch.compile`` cannot trace without a graph
-    break, so a traced model (``dense`` True) scores every position and averages the picked ones:
-    the same loss (up to float summation order), shapes fixed by the inputs'.
+    In eager mode on CPU (``dense`` False) the head runs on the picked rows only: the MLM head over
+    a 64k vocabulary costs about half a base block per token, and 15% of text tokens are picked. The
+    number of picked rows depends on the data: on an accelerator reading it back stalls the device,
+    and ``torch.compile`` cannot trace it without a graph break, so there (``dense`` True) the head
+    scores every position and the picked ones are averaged: the same loss (up to float summation
+    order), shapes fixed by the inputs'. ``BEIT3_CHECK_INPUTS=1`` picks the row path everywhere.
     """
     if not dense:
         logits = head(hidden[picked])
@@ -174,19 +175,19 @@ class Beit3ForPreTraining(Beit3PreTrainedModel):
 
     def _mlm(self, text_hidden: torch.Tensor, labels: torch.Tensor) -> StreamResult:
         picked = labels != IGNORE_INDEX  # (B, T)
-        traced = torch.compiler.is_compiling()
-        if not traced and not bool(picked.any()):  # reading the mask back is a graph break: eager only
+        rows = host_checks(picked)  # eager CPU: reading the mask back is free; elsewhere it would sync
+        if rows and not bool(picked.any()):
             raise ValueError("no text position is masked (labels are all -100)")
-        return _stream_result(self.mlm_head, text_hidden, picked, labels, dense=traced)
+        return _stream_result(self.mlm_head, text_hidden, picked, labels, dense=not rows)
 
     def _mim(self, vision_hidden: torch.Tensor, image_mask: torch.Tensor, labels: torch.Tensor) -> StreamResult:
         patches = vision_hidden[:, 1:]  # drop the image CLS: (B, N, D)
         if labels.shape != image_mask.shape:
             raise ValueError(f"image labels {tuple(labels.shape)} and mask {tuple(image_mask.shape)} differ in shape")
-        traced = torch.compiler.is_compiling()
-        if not traced and not bool(image_mask.any()):
+        rows = host_checks(image_mask)
+        if rows and not bool(image_mask.any()):
             raise ValueError("no patch is masked")
-        return _stream_result(self.mim_head, patches, image_mask, labels, dense=traced)
+        return _stream_result(self.mim_head, patches, image_mask, labels, dense=not rows)
 
     # ------------------------------------------------------------------------------------------
     def head_args(self) -> dict[str, Any]:
