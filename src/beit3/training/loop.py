@@ -358,19 +358,7 @@ class Trainer:
         skipped = self._skipped_everywhere()
         path = None
         if self.dist.is_main:
-            trainer_state = {
-                "step": self.step,
-                "optimizer": optim_state,
-                "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "global_batch": self.cfg.data.batch_size,
-                "nonfinite_total": self.nonfinite_total,
-                "nonfinite_run": self.nonfinite_run,
-                "best": self.best,
-            }
-            if skipped is not None:
-                trainer_state["data_skipped"] = skipped
+            trainer_state = {**self._trainer_state(rng, skipped), "optimizer": optim_state}
             texts = {"run.yaml": self.cfg.to_yaml()}
             model_config = self._model_config_json()
             if model_config is not None:
