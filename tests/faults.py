@@ -3,8 +3,9 @@
 Every command that writes goes through these, so each failure a user meets ends in one clear line
 (``beit3 <command>: error: <path>: <reason>``) and nothing saved before is damaged.
 
-* ``read_only_dir(tmp_path)``: a folder no file can be written in. ``chmod`` for ordinary users; as
-  root (who ignores permissions) a read-only tmpfs mount; skipped where neither is possible.
+* ``read_only_dir(tmp_path, source=None)``: a folder (empty, or a copy) no file can be written in.
+  ``chmod`` for ordinary users; as root a read-only bind mount; skipped where neither is possible.
+* ``bomb_png(path, w, h)``: a decompression bomb's header.
 * ``full_dir(tmp_path, size)``: a small tmpfs (root) that really fills up; elsewhere skipped; and
   ``no_space_writers(monkeypatch)``, which makes the package's writers fail with ENOSPC after
   writing part of their file, everywhere.
@@ -19,9 +20,11 @@ import io
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -41,9 +44,12 @@ def _umount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def read_only_dir(parent: Path, name: str = "read-only") -> Iterator[Path]:
-    """A folder (existing, empty) in which nothing can be created or written."""
+def read_only_dir(parent: Path, name: str = "read-only", source: Path | None = None) -> Iterator[Path]:
+    """A folder in which nothing can be created or written: empty, or a copy of ``source``. ``chmod``
+    for ordinary users; as root (who ignores permissions) a read-only bind mount of the folder."""
     path = Path(parent) / name
+    if source is not None:
+        shutil.copytree(source, path)
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         path.chmod(0o555)
@@ -52,12 +58,27 @@ def read_only_dir(parent: Path, name: str = "read-only") -> Iterator[Path]:
         finally:
             path.chmod(0o755)
         return
-    if not _mount_tmpfs(path, "ro,size=64k"):
+    if shutil.which("mount") is None or subprocess.run(["mount", "--bind", str(path), str(path)],
+                                                       capture_output=True).returncode != 0:
         pytest.skip("cannot make a read-only folder here (running as root and mount is not allowed)")
     try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount a folder read-only here")
         yield path
     finally:
         _umount(path)
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A 1-bit PNG whose header claims width x height with (almost) no pixel data: a decompression
+    bomb's header, written in microseconds."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
 
 
 @contextlib.contextmanager

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
 
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra: pip install 'beit3[serve]'")
 pytest.importorskip("python_multipart", reason="the serve tests need python-multipart")
@@ -40,17 +39,6 @@ def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
-
-
-def header_only_png(path: Path, width: int, height: int) -> Path:
-    """A PNG whose header claims width x height but holds almost no pixel data (written at once)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 32))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def build_world(root: Path) -> dict:

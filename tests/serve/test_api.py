@@ -12,7 +12,8 @@ from beit3.pipelines import pipeline
 from beit3.processing.image import load_image
 from beit3.serve import config_from_args, register
 from beit3.serve.app import ServeConfig, Server, create_app, is_loopback
-from tests.serve.conftest import CLASS_NAMES, COLOURS, SECRET, header_only_png, png_bytes, shape_picture
+from tests.faults import bomb_png
+from tests.serve.conftest import CLASS_NAMES, COLOURS, SECRET, png_bytes, shape_picture
 from tests.tiny_pipelines import bad_files
 
 from fastapi.testclient import TestClient  # noqa: E402  (after the conftest's importorskip)
@@ -185,7 +186,7 @@ def test_uploads_that_are_not_images_are_refused_with_a_message(client, tmp_path
         assert expect in response.json()["detail"] and "image" in response.json()["detail"], name
     bomb = client.post("/classify", files=upload(files["huge"].read_bytes()))
     assert bomb.status_code == 413 and "decompression bomb" in bomb.json()["detail"]
-    below_pil = header_only_png(tmp_path / "wide.png", 9000, 5000)  # 45 M pixels: PIL only warns, the server refuses
+    below_pil = bomb_png(tmp_path / "wide.png", 9000, 5000)  # 45 M pixels: PIL only warns, the server refuses
     refused = client.post("/classify", files=upload(below_pil.read_bytes()))
     assert refused.status_code == 413 and "9000x5000" in refused.json()["detail"]
     assert client.post("/search", files=upload(b"GIF89a nonsense")).status_code == 400

@@ -1,11 +1,7 @@
 """`beit3 evaluate` on a tiny classifier: what it scores, what it prints and where it fails (issue 21)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,32 +122,9 @@ def test_output_in_a_read_only_folder_fails_before_any_work(world, tmp_path, mon
     assert stdout == ""
 
 
-@contextlib.contextmanager
-def read_only_copy(source: Path, parent: Path):
-    """A copy of ``source`` that cannot be written: chmod for users, a read-only bind mount for root."""
-    target = parent / "read-only-checkpoint"
-    shutil.copytree(source, target)
-    if os.geteuid() != 0:
-        target.chmod(0o555)
-        try:
-            yield target
-        finally:
-            target.chmod(0o755)
-        return
-    if shutil.which("mount") is None or subprocess.run(["mount", "--bind", str(target), str(target)],
-                                                       capture_output=True).returncode != 0:
-        pytest.skip("cannot make a read-only folder here")
-    try:
-        if subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], capture_output=True).returncode != 0:
-            pytest.skip("cannot remount read-only here")
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True)
-
-
 def test_read_only_checkpoint_folder_prints_the_metrics_then_fails_in_one_line(world, tmp_path):
     """Item 2: the table is on stdout before the JSON write fails."""
-    with read_only_copy(world / "ckpt", tmp_path) as checkpoint:
+    with read_only_dir(tmp_path, "read-only-checkpoint", source=world / "ckpt") as checkpoint:
         code, stdout, stderr = evaluate(world, checkpoint=checkpoint)
     assert_one_line_error(code, stderr, str(checkpoint / "eval_classification_index.json"), "metrics are printed above")
     assert "acc1" in stdout and stdout.split("samples")[1].split() == ["5"]

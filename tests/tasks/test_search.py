@@ -1,8 +1,6 @@
 import csv
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from beit3.models import Beit3ForImageTextRetrieval
 from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.tasks import search
 from beit3.tasks.search import ImageIndex, exact_top_k, faiss_available
+from tests.faults import bomb_png
 
 SPM = Path(__file__).parents[1] / "processing" / "data" / "bpe_external.model"
 
@@ -64,17 +63,6 @@ def count_embedded(index: ImageIndex) -> list[int]:
     encode = index.encoder.model.encode_image
     index.encoder.model.encode_image = lambda pixels: calls.append(len(pixels)) or encode(pixels)
     return calls
-
-
-def png_header(path: Path, width: int, height: int) -> Path:
-    """A 1-bit PNG claiming width x height with (almost) no pixel data: a decompression bomb's
-    header, written in microseconds."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def test_index_stores_encode_image_embeddings_with_a_manifest(tmp_path, model_dir, photos):
@@ -191,7 +179,7 @@ def test_bad_files_are_reported_skipped_and_retried_only_once_changed(tmp_path, 
     truncated.write_bytes(truncated.read_bytes()[:300])
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.jpg").write_text("hello, I am not a JPEG")
-    huge = png_header(folder / "huge.png", 20000, 20000)
+    bomb_png(folder / "huge.png", 20000, 20000)
 
     index = ImageIndex(tmp_path / "idx", model=model_dir)
     calls = count_embedded(index)
