@@ -68,6 +68,7 @@ def test_timm_base_to_ours_and_back(tmp_path, fast_init):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = source(images)
+    # Each full-size file (~350 MB) is deleted once read: at most one is on disk at a time.
     pth = save(source.state_dict(), tmp_path / "timm.pth")
     ours = Beit3ForImageClassification.from_pretrained(pth, vocab_size=100).eval()  # no text side: any vocabulary
     config = ours.config
@@ -77,13 +78,18 @@ def test_timm_base_to_ours_and_back(tmp_path, fast_init):
         assert_logits_close(ours(images).logits, expected)
     # The same tensors from timm's model.safetensors (what the Hub holds).
     from_pth, layout = to_task_form(read_state_dict(pth))
-    from_safetensors, _ = to_task_form(read_state_dict(save(source.state_dict(), tmp_path / "model.safetensors")))
+    pth.unlink()
+    safetensors = save(source.state_dict(), tmp_path / "model.safetensors")
+    from_safetensors, _ = to_task_form(read_state_dict(safetensors))
+    safetensors.unlink()
     assert layout == "timm" and from_pth.keys() == from_safetensors.keys()
     assert all(torch.equal(from_pth[k], from_safetensors[k]) for k in from_pth)
+    del from_pth, from_safetensors
 
     name, kwargs = save_timm_checkpoint(ours, tmp_path / "back.safetensors")
     assert (name, kwargs) == ("beit3_base_patch16_224", {"img_size": 64})
     reloaded = timm_from_file(tmp_path / "back.safetensors", name, {**kwargs, "weight_init": "skip"})
+    (tmp_path / "back.safetensors").unlink()
     assert reloaded.state_dict().keys() == source.state_dict().keys()
     for key, value in source.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
@@ -99,8 +105,9 @@ def test_timm_giant_width_to_ours_and_back(tmp_path, fast_init):
     with torch.no_grad():
         expected = source(images)
     # The text side is absent from timm files; a small vocabulary keeps its fresh tensors small.
-    ours = Beit3ForImageClassification.from_pretrained(save(source.state_dict(), tmp_path / "giant.safetensors"),
-                                                       vocab_size=100).eval()
+    giant = save(source.state_dict(), tmp_path / "giant.safetensors")
+    ours = Beit3ForImageClassification.from_pretrained(giant, vocab_size=100).eval()
+    giant.unlink()  # ~200 MB: one such file on disk at a time
     config = ours.config
     assert (config.hidden_size, config.num_heads, config.patch_size, config.intermediate_size) == (1408, 16, 14, 6144)
     with torch.no_grad():
