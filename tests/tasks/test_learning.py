@@ -16,13 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.slow
-def test_image_classification_learns_far_above_chance(tmp_path, record_property):
+def test_image_classification_learns_far_above_chance(medium_world, tmp_path, record_property):
     """24 classes <colour>_<shape> of the large object among distractors: chance is 4.2% top-1 and
-    20.8% top-5. ~20 s on 2 CPU cores, world generation included; reached 20.0% / 79.2%."""
-    from beit3.data.synthetic import generate
-
-    world = tmp_path / "world"
-    generate(world, size="medium", seed=0)  # 1440 training and 360 validation images
+    20.8% top-5 (1440 training and 360 validation images). ~20 s on 2 CPU cores; reached 20.0% / 79.2%."""
+    world = medium_world
     out = tmp_path / "run"
     status = main([
         "finetune", "--recipe", str(CONFIGS / "tiny_imagenet.yaml"),
@@ -96,7 +93,7 @@ def test_vqa_from_scratch_answers_beyond_the_question_only_prior(medium_world, t
 @pytest.mark.slow
 def test_nlvr2_from_scratch_judges_statements_far_above_chance(medium_world, tmp_path, record_property):
     """Each statement comes with a pair where it holds and one where it does not, so the words alone
-    are at 50%. From scratch, 1000 steps (~50 s) reached 74.0%."""
+    are at 50%. From scratch, 1000 steps (~50-100 s) reached 72.5% (74.0% before fused AdamW)."""
     rows = [json.loads(line) for line in (medium_world / "index" / "nlvr2.dev.index.jsonl").read_text().splitlines()]
     by_text: dict[str, set[int]] = {}
     for row in rows:
@@ -111,7 +108,8 @@ def test_nlvr2_from_scratch_judges_statements_far_above_chance(medium_world, tmp
 @pytest.mark.slow
 def test_captioning_from_scratch_describes_the_image(medium_world, tmp_path, record_property):
     """An image-blind captioner that gives each image a reference caption of another image is the
-    baseline (CIDEr 0.45); from scratch, 2400 steps (~100 s) reached 0.90."""
+    baseline (CIDEr 0.45); from scratch, 2400 steps (~100-180 s) reached 0.80 (0.90 with
+    another random stream: the whole-view crop draws no numbers, so the caption masks changed)."""
     from beit3.tasks.captioning import simple_tokenize
     from beit3.tasks.metrics import cider_d
 
