@@ -190,3 +190,49 @@ def test_unreadable_rows_are_recorded_for_evaluation(index_with_bad_images):
                                         if "missing" in row["image_path"] or "corrupt" in row["image_path"]]
     assert {"corrupt.png", "missing.png"} == {name for name in ("corrupt.png", "missing.png")
                                              for reason in dataset.bad_rows.values() if name in reason}
+
+
+def test_decoded_images_are_cached_once_within_budget_and_copies_are_returned(tmp_path, monkeypatch):
+    import beit3.processing.image as processing_image
+
+    for n in range(3):
+        make_image(tmp_path / f"img{n}.png", (40 * n, 0, 0))
+    write_jsonl(tmp_path / "index.jsonl", [{"image_path": f"img{n % 3}.png", "label": n % 3} for n in range(6)])
+    decoded = []
+    real_decode = processing_image._decode
+    monkeypatch.setattr(processing_image, "_decode", lambda *a: decoded.append(a[1]) or real_decode(*a))
+
+    dataset = ImageClassificationDataset(tmp_path / "index.jsonl")
+    first = [pixels(dataset[i]["image"]) for i in range(6)]
+    assert len(decoded) == 3  # six rows, three files: each decoded once
+    assert (dataset.images.hits, dataset.images.misses, len(dataset.images)) == (3, 3, 3)
+    assert dataset.images.used_bytes == 3 * 8 * 8 * 3
+    dataset[0]["image"].paste((255, 255, 255), (0, 0, 8, 8))  # a transform changing its image in place
+    assert torch.equal(pixels(dataset[0]["image"]), first[0])  # does not change the cached one
+    assert all(torch.equal(pixels(dataset[i]["image"]), first[i]) for i in range(6))
+    assert len(decoded) == 3
+
+    # A budget of two images keeps two; the third is decoded at every read.
+    decoded.clear()
+    small = ImageClassificationDataset(tmp_path / "index.jsonl", image_cache_mb=2 * 8 * 8 * 3 / 2**20)
+    for _ in range(2):
+        [small[i] for i in range(3)]
+    assert (len(small.images), len(decoded)) == (2, 4)
+    off = ImageClassificationDataset(tmp_path / "index.jsonl", image_cache_mb=0)
+    decoded.clear()
+    [off[i] for i in range(6)]
+    assert (len(off.images), len(decoded)) == (0, 6)
+
+
+def test_image_max_side_shrinks_large_images_keeping_their_aspect(tmp_path):
+    Image.new("RGB", (400, 100), (10, 200, 30)).save(tmp_path / "wide.png")
+    Image.new("RGB", (20, 60), (10, 200, 30)).save(tmp_path / "small.png")
+    write_jsonl(tmp_path / "index.jsonl", [{"image_path": "wide.png", "label": 0}, {"image_path": "small.png", "label": 1}])
+    dataset = ImageClassificationDataset(tmp_path / "index.jsonl", image_max_side=64)
+    assert dataset[0]["image"].size == (64, 16)
+    assert dataset[1]["image"].size == (20, 60)  # smaller images are left as they are
+    assert np.array(dataset[0]["image"])[8, 32].tolist() == [10, 200, 30]
+    with pytest.raises(ValueError, match="image_max_side"):
+        ImageClassificationDataset(tmp_path / "index.jsonl", image_max_side=0)
+    with pytest.raises(ValueError, match="budget"):
+        ImageClassificationDataset(tmp_path / "index.jsonl", image_cache_mb=-1)

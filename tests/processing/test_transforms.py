@@ -56,7 +56,8 @@ SETTINGS = [
     ("imagenet", {"randaug": False}),
     ("vl", {"crop_scale": (0.2, 0.9), "random_erasing": 0.5}),
     ("imagenet", {"horizontal_flip": False, "random_erasing": 0.0}),
-    ("vl", {"horizontal_flip": False, "crop_scale": (1.0, 1.0)}),
+    ("vl", {"horizontal_flip": False, "crop_scale": (0.9, 1.0)}),
+    # crop_scale (1, 1) draws no crop numbers any more: test_whole_view_is_torchvisions_scale_one_crop...
 ]
 
 
@@ -222,3 +223,26 @@ def test_masking_is_seeded_and_takes_a_probability(trained_tokenizer):
         mask_caption_tokens(encoded["input_ids"], encoded["attention_mask"], 0.0, 4, 100)
     with pytest.raises(ValueError, match="at least BOS and EOS"):
         mask_caption_tokens(torch.tensor([[0, 1]]), torch.tensor([[1, 0]]), 0.5, 4, 100)
+
+
+def test_whole_view_is_torchvisions_scale_one_crop_without_its_random_draws():
+    """crop_scale (1, 1) (the tiny recipes): the pixels of RandomResizedCrop(scale=(1, 1)), which at
+    scale 1 rejects nearly all of its ten random tries and falls back to the centred whole view."""
+    agree = total = 0
+    for width, height in ((48, 48), (48, 36), (30, 90), (90, 30), (333, 500)):
+        img = _random_image(width, height)
+        reference = T.Compose([T.RandomResizedCrop(24, scale=(1.0, 1.0), interpolation=BICUBIC),
+                               T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+        ours = train_image_transform(24, "vl", randaug=False, horizontal_flip=False, crop_scale=(1.0, 1.0))
+        for seed in range(40):
+            torch.manual_seed(seed)
+            expected = reference(img)
+            torch.manual_seed(seed)
+            state = torch.random.get_rng_state()
+            got = ours(img)
+            assert torch.equal(torch.random.get_rng_state(), state)  # draws nothing
+            agree += torch.equal(got, expected)
+            total += 1
+            if width == height:  # a square image is always the whole view
+                assert torch.equal(got, expected)
+    assert agree / total > 0.95, (agree, total)  # the rest: a try accepted with a crop a pixel smaller

@@ -12,6 +12,13 @@ training batches full; evaluation must not score a sample twice, so ``bad_rows``
 unreadable row (and why), and ``beit3 evaluate`` leaves the substitutes out of the metric and
 reports how many were skipped.
 
+Decoded images are kept in memory (``image_cache_mb``, 1 GiB per process by default), so a small
+dataset is decoded once, not once per epoch: the cache fills as images are first read and stops
+growing at its budget (random access makes eviction useless). Data-loader workers are started anew
+each epoch, so the cache pays with ``num_workers=0`` -- the right setting for small datasets.
+``image_max_side`` shrinks larger images as they are read (before the cache), for folders of
+photos much bigger than the model's input.
+
 Labels are checked when a dataset is built (class ids against ``num_classes``, VQA answer labels
 against ``num_labels``, NLVR2 truth values 0 / 1): a wrong one is an error naming the index file,
 its line and the value, not a crash at the first step or a silently wrong score.
@@ -54,6 +61,46 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise BadImageError(message if str(path) in message else f"cannot read image '{path}': {message}") from None
 
 
+class ImageCache:
+    """Decoded RGB images by path, up to ``max_bytes`` of pixels; ``max_side`` shrinks larger images
+    (aspect kept, bicubic) as they are read. ``get`` returns a copy, so a transform cannot change a
+    cached image. ``hits`` / ``misses`` / ``used_bytes`` tell how it does."""
+
+    def __init__(self, max_bytes: int, max_side: int | None = None) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"the image cache budget must be >= 0 bytes, got {max_bytes}")
+        if max_side is not None and max_side < 1:
+            raise ValueError(f"image_max_side must be a positive number of pixels, got {max_side}")
+        self.max_bytes, self.max_side = int(max_bytes), max_side
+        self.used_bytes = self.hits = self.misses = 0
+        self._images: dict[str, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def get(self, path: str | os.PathLike) -> Image.Image:
+        key = os.fspath(path)
+        cached = self._images.get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached.copy()
+        self.misses += 1
+        image = load_image(path)
+        if self.max_side is not None and max(image.size) > self.max_side:
+            scale = self.max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        nbytes = image.width * image.height * len(image.getbands())
+        if self.used_bytes + nbytes <= self.max_bytes:
+            self._images[key] = image
+            self.used_bytes += nbytes
+            return image.copy()
+        return image
+
+
+DEFAULT_IMAGE_CACHE_MB = 1024
+
+
 class IndexDataset(Dataset):
     """Rows of one or more index files (e.g. VQA train + trainable_val); subclasses turn a row into a sample."""
 
@@ -65,7 +112,11 @@ class IndexDataset(Dataset):
         *,
         transform: Transform | None = None,
         strict: bool = False,
+        image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+        image_max_side: int | None = None,
     ) -> None:
+        self.images = ImageCache(int(image_cache_mb * 2**20), image_max_side)
+        """Decoded images of this process (see the module notes); ``image_cache_mb=0`` turns it off."""
         files = [index_files] if isinstance(index_files, (str, os.PathLike)) else list(index_files)
         self.rows: list[tuple[Path, dict[str, Any]]] = []
         for file in files:
@@ -92,7 +143,7 @@ class IndexDataset(Dataset):
 
     def image(self, index_file: Path, row: dict[str, Any], key: str = "image_path") -> Image.Image:
         """The image a row points at, resolved relative to its index file."""
-        return load_image(resolve_image_path(index_file, row[key]))
+        return self.images.get(resolve_image_path(index_file, row[key]))
 
     def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:
         """Build the raw sample of one row; raises ``BadImageError`` for an unreadable image."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
 
 from beit3.processing.augment import RandomAugment
 from beit3.processing.image import ImageInput, Mode, load_image, mode_defaults
@@ -31,6 +33,27 @@ DEFAULT_CAPTIONING_MASK_PROB = 0.6  # the official --captioning_mask_prob defaul
 
 
 # ---------------------------------------------------------------------- images
+class WholeViewResize:
+    """What ``RandomResizedCrop(size, scale=(1, 1))`` gives, without its random draws: at scale 1
+    nearly every one of torchvision's ten tries is rejected, and its fallback -- the centred crop of
+    the whole image to an aspect ratio within [3/4, 4/3] -- is what comes out (the same pixels in
+    all but rare rounding cases, a crop one pixel smaller). Bicubic, as the official recipes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        crop_w, crop_h = width, height
+        if width / height < 3 / 4:
+            crop_h = int(round(width / (3 / 4)))
+        elif width / height > 4 / 3:
+            crop_w = int(round(height * (4 / 3)))
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return TF.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size],
+                               T.InterpolationMode.BICUBIC)
+
+
 @dataclass(frozen=True)
 class TrainImageTransform:
     """One image -> ``(3, S, S)`` with the official training augmentation of ``mode``.
@@ -57,8 +80,11 @@ class TrainImageTransform:
 
     def _build(self) -> T.Compose:
         # The order of the steps is the order in which they draw random numbers.
-        steps: list[Any] = [T.RandomResizedCrop(self.image_size, scale=self.crop_scale,
-                                                interpolation=T.InterpolationMode.BICUBIC)]
+        if self.crop_scale[0] >= 1.0:  # the whole image: no random tries to draw
+            steps: list[Any] = [WholeViewResize(self.image_size)]
+        else:
+            steps = [T.RandomResizedCrop(self.image_size, scale=self.crop_scale,
+                                         interpolation=T.InterpolationMode.BICUBIC)]
         if self.horizontal_flip:
             steps.append(T.RandomHorizontalFlip())
         if self.randaug:

@@ -228,6 +228,7 @@ class IndexTask(ABC):
 
     def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
         return self.raw_dataset(index_files(cfg.data.root, names), transform=self.processor(cfg, train),
+                                image_cache_mb=cfg.data.image_cache_mb, image_max_side=cfg.data.image_max_side,
                                 **self.dataset_args())
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:

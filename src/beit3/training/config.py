@@ -62,6 +62,12 @@ class DataSection:
     """Per-process evaluation batch; ``None`` uses the micro-batch size."""
     num_workers: int = 0
     """DataLoader worker processes per training process."""
+    image_cache_mb: float = 1024
+    """Memory for decoded images per process (index tasks), so a small dataset is decoded once rather
+    than every epoch; it pays with ``num_workers: 0`` (workers start anew each epoch). 0 turns it off."""
+    image_max_side: int | None = None
+    """Shrink images whose longer side is larger than this as they are read (aspect kept), e.g. for
+    folders of multi-megapixel photos and a 224 px model; ``None`` keeps them as they are."""
     strict: bool = False
     """Raise on a bad training sample (naming its shard and key) instead of skipping and counting it
     (tasks that stream data, e.g. pretraining)."""
@@ -206,6 +212,10 @@ class RunConfig:
             problems.append("data.batch_size must be positive")
         if self.data.micro_batch_size is not None and self.data.micro_batch_size <= 0:
             problems.append("data.micro_batch_size must be positive")
+        if self.data.image_cache_mb < 0:
+            problems.append("data.image_cache_mb must be >= 0 (0 turns the decoded-image cache off)")
+        if self.data.image_max_side is not None and self.data.image_max_side < 1:
+            problems.append("data.image_max_side must be a positive number of pixels (or null)")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.warmup_lr < 0:
             problems.append("optim.lr must be positive and optim.min_lr / optim.warmup_lr non-negative")
         if not 0 < self.optim.layer_decay <= 1:
