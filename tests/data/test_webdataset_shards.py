@@ -169,6 +169,26 @@ def test_shard_index_is_written_once_and_then_no_header_is_read(served, tmp_path
         ShardRefs(TarShards(str(tmp_path)))
 
 
+def test_data_shards_command_writes_the_index_a_run_then_reads(served, tmp_path, monkeypatch):
+    from tests.faults import assert_one_line_error, run_cli
+
+    root, _, _ = served
+    for shard in range(3):
+        (tmp_path / f"s-{shard:03d}.tar").write_bytes((root / f"pairs-{shard:06d}.tar").read_bytes())
+    code, out, err = run_cli(["data", "shards", str(tmp_path / "s-{000..002}.tar")])
+    assert code == 0, err
+    assert "3 shards, 30 samples" in out and INDEX_FILE in out
+    assert set(json.loads((tmp_path / INDEX_FILE).read_text())["shards"]) == {"s-000.tar", "s-001.tar", "s-002.tar"}
+    import beit3.data.streams as streams
+
+    monkeypatch.setattr(streams, "_local_refs", lambda shard: pytest.fail(f"read the headers of {shard}"))
+    assert len(ShardRefs(TarShards(str(tmp_path)))) == 30
+    code, _, err = run_cli(["data", "shards", str(tmp_path / "nothing-*.tar")])
+    assert_one_line_error(code, err, "no shard matches")
+    code, _, err = run_cli(["data", "shards", str(tmp_path / "s-000.tar"), str(tmp_path / "gone.tar")])
+    assert_one_line_error(code, err, "gone.tar")
+
+
 def test_texts_given_tar_shards_is_a_clear_error(served):
     root, _, _ = served
     with pytest.raises(DataError, match="pairs-000000.tar is a tar shard, but texts are read from plain text"):

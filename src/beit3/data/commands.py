@@ -84,8 +84,47 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+SHARDS_EXAMPLES = """examples:
+  beit3 data shards '/data/laion/{00000..01023}.tar'     # brace ranges, as webdataset writes them
+  beit3 data shards /data/laion/*.tar /data/cc3m/*.tar
+
+Counts the samples of each local tar shard once and writes them to beit3_shards.json in the
+shards' folder, so that a pretraining run (every rank) starts by reading one small file instead
+of every tar header. Runs also write it on their first start when the folder is writable; a shard
+that changed (size or time) is counted again. Streamed shards (URLs, pipe:, .tar.gz) have no count.
+"""
+
+
+def _shards(args: argparse.Namespace) -> int:
+    import warnings
+
+    from beit3.data.streams import INDEX_FILE, expand_paths, is_streamed, write_shard_index
+
+    paths = expand_paths(args.shards)
+    if not paths:
+        raise FileNotFoundError(f"no shard matches {' '.join(args.shards)}")
+    streamed = [path for path in paths if is_streamed(path)]
+    missing = [path for path in paths if not is_streamed(path) and not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    folders = sorted({str(Path(path).resolve().parent) for path in paths if not is_streamed(path)})
+    for folder in folders:
+        ensure_writable_dir(folder, what="shard folder (where beit3_shards.json goes)")
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = write_shard_index(paths)
+    for warning in caught:
+        print(f"warning: {warning.message}")
+    print(f"{len(counts)} shards, {sum(counts.values())} samples, counted in {time.perf_counter() - start:.1f}s; "
+          f"index written to {', '.join(str(Path(f) / INDEX_FILE) for f in folders)}")
+    if streamed:
+        print(f"{len(streamed)} streamed shards (URLs, pipe:, compressed tars) are not counted: reading them is the only way")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``beit3 data synthetic`` and ``beit3 data build``."""
+    """Add ``beit3 data synthetic``, ``beit3 data build`` and ``beit3 data shards``."""
     from beit3.cli import summary
 
     data = subparsers.add_parser("data", help=summary("data"),
@@ -125,3 +164,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--legacy", action="store_true",
                        help="vqav2: reproduce the released normalisation bugs (byte-identical answer2label.txt)")
     build.set_defaults(func=_build)
+
+    shards = actions.add_parser(
+        "shards", help="count the samples of tar shards once, for fast pretraining start-up",
+        description="Write beit3_shards.json (samples per shard) beside local WebDataset tar shards.",
+        epilog=SHARDS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shards.add_argument("shards", nargs="+", help="tar shards: paths, globs or brace ranges ({000..099})")
+    shards.set_defaults(func=_shards)
