@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,37 @@ class KVCache:
     def truncate(self, length: int) -> "KVCache":
         """Keep the first ``length`` positions."""
         return KVCache([(k[:, :, :length], v[:, :, :length]) for k, v in self.layers], self.joint)
+
+
+CPU_BF16_KERNELS = ("matmul", "sdpa")
+
+
+def choose_cpu_bf16_attention(setting: str | None = None) -> str:
+    """The kernel of bf16 attention on CPU: ``"matmul"`` (two bf16 matmuls around a float32 softmax)
+    or ``"sdpa"`` (PyTorch's flash-attention kernel).
+
+    ``BEIT3_CPU_BF16_ATTENTION=matmul|sdpa`` (or ``setting``) decides. Otherwise the CPU does: on
+    one without AMX, ``matmul`` was faster than SDPA's kernel, forward + backward, on both CPUs it
+    was measured on (x2.05 on an Intel AVX-512 BF16 machine, x1.14 on an AMD EPYC one;
+    benchmarks/README.md); on one with AMX tiles, whose
+    bf16 matrix units SDPA's kernel uses through oneDNN's brgemm, ``sdpa``. That last choice has not
+    been measured here: no AMX machine was at hand. ``benchmarks/attention_kernels.py`` times both
+    on the machine it runs on and says which to set. Read once, when this module is imported, so a
+    run (and a compiled graph) keeps one kernel.
+    """
+    setting = os.environ.get("BEIT3_CPU_BF16_ATTENTION", "") if setting is None else setting
+    setting = setting.strip().lower()
+    if setting in CPU_BF16_KERNELS:
+        return setting
+    if setting not in ("", "auto"):
+        raise ValueError(f"BEIT3_CPU_BF16_ATTENTION must be one of auto, {', '.join(CPU_BF16_KERNELS)}; "
+                         f"got {setting!r}")
+    has_amx = getattr(torch._C._cpu, "_init_amx", lambda: False)()
+    return "sdpa" if has_amx else "matmul"
+
+
+CPU_BF16_ATTENTION = choose_cpu_bf16_attention()
+"""This process's choice (:func:`choose_cpu_bf16_attention`)."""
 
 
 def _bf16_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -84,7 +116,7 @@ class Attention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and CPU_BF16_ATTENTION == "matmul":
             out = _bf16_cpu_attention(q, k, v, attn_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, Dh)
