@@ -6,6 +6,7 @@ import io
 import json
 import re
 import threading
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -95,6 +96,31 @@ def test_http_shards_stream_with_bad_samples_skipped_and_counted_per_shard(serve
     messages = " ".join(str(w.message) for w in caught)
     assert f"{url}/pairs-000000.tar:000000003 has no text" in messages
     assert f"{url}/pairs-000000.tar:000000005 has an empty text" in messages
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixing_loader_counts_what_its_workers_skipped_and_keeps_it_across_resume(served, workers):
+    """Each worker's stream skips in its own process; the counts travel with the batches, so the
+    loader in the main process reports them per kind and shard, and its state carries them on."""
+    from beit3.data.mixing import MixingLoader
+
+    root, _, _ = served
+    shards = str(root / "pairs-{000000..000002}.tar")
+
+    def loader():
+        return MixingLoader({"pairs": SampleStream(TarShards(shards), fields=("image", "text"), shuffle_buffer=0)},
+                            batch_size=2, num_workers=workers)
+
+    first = loader()
+    with warnings.catch_warnings():  # workers warn in their own processes, where pytest.warns cannot see
+        warnings.simplefilter("ignore", BadSampleWarning)
+        batches = list(first)  # one pass: 26 good pairs, 4 bad ones in the first shard
+    assert sum(len(b["pairs"]) for b in batches) == 26
+    bad_shard = str(root / "pairs-000000.tar")
+    assert first.skipped_samples() == {"pairs": {bad_shard: 4}}
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    assert second.skipped_samples() == {"pairs": {bad_shard: 4}}
 
 
 def test_strict_raises_naming_shard_and_key(served):

@@ -4,16 +4,18 @@ BEiT-3 trains one masked-data-modeling objective on all three kinds at once (204
 texts + 2048 pairs per step in the paper, hence 1:1:1 by default). Each kind is its own
 ``SampleStream`` behind its own ``DataLoader``, with a batch size proportional to its share, and
 the loader zips them. It also tracks which samples the training loop consumed, so ``state_dict`` is
-all a checkpoint needs to resume the data exactly.
+all a checkpoint needs to resume the data exactly, and counts the bad samples each stream skipped
+(in whichever process read them) as their batches arrive: ``skipped_samples()``.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader
 
-from beit3.data.streams import PositionTracker, SampleStream, current_rank_and_world, split_meta
+from beit3.data.streams import PositionTracker, SampleStream, current_rank_and_world, skipped_before, split_meta
 
 DEFAULT_PROPORTIONS = {"images": 1.0, "texts": 1.0, "pairs": 1.0}
 
@@ -43,9 +45,9 @@ class _TrackedCollate:
     def __init__(self, collate: Callable[[Sequence[dict[str, Any]]], Any]) -> None:
         self.collate = collate
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> tuple[Any, list[tuple[int, int, int]]]:
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> tuple[Any, list[tuple[int, int, int]], list[str]]:
         contents, metas = split_meta(samples)
-        return self.collate(contents), metas
+        return self.collate(contents), metas, skipped_before(samples)
 
 
 class MixingLoader:
@@ -77,6 +79,8 @@ class MixingLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.trackers = {name: PositionTracker() for name in self.batch_sizes}
+        self.skipped: dict[str, Counter[str]] = {name: Counter() for name in self.batch_sizes}
+        """Bad samples skipped per kind and shard, in batches consumed so far (all workers)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loaders = {
@@ -92,16 +96,22 @@ class MixingLoader:
             batch = {}
             for name, loader in loaders.items():
                 try:
-                    contents, metas = next(loader)
+                    contents, metas, skips = next(loader)
                 except StopIteration:
                     return
                 self.trackers[name].update(metas, slots[name])
+                self.skipped[name].update(skips)
                 batch[name] = contents
             yield batch
 
+    def skipped_samples(self) -> dict[str, dict[str, int]]:
+        """Bad samples skipped so far: kind -> shard (or text file) -> count, every kind listed."""
+        return {name: dict(counts) for name, counts in self.skipped.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        """Consumed positions per kind; save it with the model checkpoint."""
-        return {name: tracker.state_dict() for name, tracker in self.trackers.items()}
+        """Consumed positions (and skip counts) per kind; save it with the model checkpoint."""
+        return {name: {**tracker.state_dict(), "skipped": dict(self.skipped[name])}
+                for name, tracker in self.trackers.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next iteration continue right after the samples recorded in ``state``."""
@@ -110,3 +120,5 @@ class MixingLoader:
                 self.streams[name].load_state_dict(stream_state)
                 self.trackers[name].slots = stream_state["slots"]
                 self.trackers[name].positions = {int(s): tuple(p) for s, p in stream_state["positions"].items()}
+            if name in self.skipped:
+                self.skipped[name] = Counter({str(k): int(v) for k, v in stream_state.get("skipped", {}).items()})

@@ -52,7 +52,9 @@ from beit3.data.datasets import BadImageError, BadSampleWarning, load_image
 from beit3.data.index import DataError, EmptyDatasetError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
-META_KEYS = ("__slot__", "__epoch__", "__position__")
+META_KEYS = ("__slot__", "__epoch__", "__position__", "__skips__")
+"""Bookkeeping keys of streamed samples: where each came from, and the units (shards or files) of
+the bad samples skipped just before it -- so a loader in the main process can count what workers skipped."""
 STREAM_PREFIXES = ("http://", "https://", "pipe:")
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz")
 INDEX_FILE = "beit3_shards.json"
@@ -496,6 +498,7 @@ class SampleStream(IterableDataset):
         """Skipped samples per unit (shard or file) in this process; a damaged shard counts once."""
         self._resume: dict[int, tuple[int, int]] = {}
         self._resume_slots: int | None = None
+        self._pending_skips: list[str] = []
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shuffle the next pass uses (every rank must pass the same value)."""
@@ -541,6 +544,7 @@ class SampleStream(IterableDataset):
     def _skip(self, unit: str | None, message: str) -> None:
         self.skipped += 1
         self.skipped_by_shard[str(unit)] += 1
+        self._pending_skips.append(str(unit))
         warnings.warn(f"skipping sample: {message}", BadSampleWarning, stacklevel=4)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -558,7 +562,9 @@ class SampleStream(IterableDataset):
                     continue
                 if self.transform:
                     sample = self.transform(sample)
-                sample.update({"__slot__": slot, "__epoch__": epoch, "__position__": position})
+                sample.update({"__slot__": slot, "__epoch__": epoch, "__position__": position,
+                               "__skips__": self._pending_skips})
+                self._pending_skips = []
                 yield sample
             if not self.infinite:
                 return
@@ -623,6 +629,11 @@ class PositionTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"slots": self.slots, "positions": {str(slot): list(pos) for slot, pos in self.positions.items()}}
+
+
+def skipped_before(samples: Sequence[dict[str, Any]]) -> list[str]:
+    """The units of the bad samples a stream skipped on its way to ``samples`` (one entry per sample)."""
+    return [unit for sample in samples for unit in sample.get("__skips__", ())]
 
 
 def split_meta(samples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[int, int, int]]]:
