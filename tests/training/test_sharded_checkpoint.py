@@ -167,3 +167,81 @@ def test_a_sharded_save_that_dies_leaves_no_checkpoint(tmp_path, monkeypatch):
         ckpt.save_sharded_checkpoint(tmp_path, 2, state={"model": model.state_dict()}, trainer_state={"step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
     assert ckpt.find_resumable(tmp_path) == tmp_path / "step_00000001"
+
+
+def _weights(checkpoint, out):
+    (checkpoint / "config.json").write_text('{"model_type": "toy"}')  # the toy model has no config of its own
+    return load_file(str(ckpt.consolidate(checkpoint, out) / "model.safetensors"))
+
+
+def test_async_checkpoints_hold_what_synchronous_ones_hold_and_resume_the_run(one_process, tmp_path, monkeypatch):
+    """train.async_checkpoint: every checkpoint is written by DCP's background save (never the
+    blocking one) and holds the weights the synchronous run's holds at that step, though training went
+    on while it was written; resumed from one, the run continues as the uninterrupted one."""
+    import torch.distributed.checkpoint as dcp
+
+    calls = {"save": 0, "async_save": 0}
+    for name in calls:
+        real = getattr(dcp, name)
+        monkeypatch.setattr(dcp, name, (lambda n, f: lambda *a, **k: calls.__setitem__(n, calls[n] + 1) or f(*a, **k))(name, real))
+    out = tmp_path / "async"
+    result = _fit_here(out, "train.async_checkpoint=true")
+    assert result.stop_reason == "completed" and result.last_checkpoint.is_dir()
+    assert calls == {"save": 0, "async_save": 4}  # steps 4, 8, 12, 16
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (one_process / "checkpoints").iterdir())
+    assert not list((out / "checkpoints").glob("*.tmp-*"))
+    for step in ("step_00000004", "step_00000012"):
+        ckpt.verify_checkpoint(out / "checkpoints" / step)
+        a = _weights(one_process / "checkpoints" / step, tmp_path / f"sync-{step}")
+        b = _weights(out / "checkpoints" / step, tmp_path / f"async-{step}")
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), step
+    resumed = tmp_path / "resumed"
+    monkeypatch.undo()
+    _fit_here(resumed, "train.async_checkpoint=true", f"train.resume={out / 'checkpoints' / 'step_00000008'}")
+    _assert_continues(one_process, resumed, 9, atol=0)
+
+
+def test_an_async_save_that_fails_leaves_no_checkpoint_and_says_why(tmp_path, monkeypatch):
+    from concurrent.futures import Future
+
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(2, 2)
+    first = ckpt.save_sharded_checkpoint(tmp_path, 1, state={"model": model.state_dict()}, trainer_state={"step": 1},
+                                         asynchronous=True)
+    assert first.wait() == tmp_path / "step_00000001" and first.done()
+
+    def fails(*args, **kwargs):
+        future = Future()
+        future.set_exception(OSError(28, "No space left on device"))
+        return future
+
+    monkeypatch.setattr(dcp, "async_save", fails)
+    pending = ckpt.save_sharded_checkpoint(tmp_path, 2, state={"model": model.state_dict()},
+                                           trainer_state={"step": 2}, asynchronous=True)
+    with pytest.raises(OSError, match="step_00000002"):
+        pending.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+    assert ckpt.find_resumable(tmp_path) == tmp_path / "step_00000001"
+
+
+def test_async_checkpoint_needs_the_sharded_format():
+    with pytest.raises(ValueError, match="async_checkpoint needs train.checkpoint_format=sharded"):
+        load_config(TINY, ["train.async_checkpoint=true"]).validate()
+
+
+def test_two_fsdp_processes_save_asynchronously_over_their_own_gloo_group(one_process, tmp_path):
+    """The background writes of 2 processes meet over the checkpoint group while training runs FSDP's
+    collectives on the default one; the run ends with every checkpoint in place and continues the
+    1-process run (same losses and weights within the 1-vs-2-process bound)."""
+    two = tmp_path / "two"
+    done = subprocess.run(cli_command(2, *SHARDED, f"train.output_dir={two}", "parallel.strategy=fsdp",
+                                      "train.async_checkpoint=true"),
+                          env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (one_process / "checkpoints").iterdir())
+    assert not list((two / "checkpoints").glob("*.tmp-*"))
+    ckpt.verify_checkpoint(two / "checkpoints" / "step_00000008")
+    _assert_continues(one_process, two, 1)

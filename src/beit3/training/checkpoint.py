@@ -25,12 +25,15 @@ default permissions of the umask (safetensors alone would write them owner-only,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +205,10 @@ def save_sharded_checkpoint(
     text_files: dict[str, str] | None = None,
     is_main: bool = True,
     barrier: Any = None,
-) -> Path | None:
+    asynchronous: bool = False,
+    process_group: Any = None,
+    on_complete: Callable[[Path], None] | None = None,
+) -> "Path | None | PendingCheckpoint":
     """Write a DCP checkpoint atomically: a collective call on every process.
 
     ``state`` (model, optimizer, EMA state dicts; DTensors for FSDP) goes through
@@ -211,6 +217,13 @@ def save_sharded_checkpoint(
     main one adds ``trainer_state`` (which it alone passes), the text files and the manifest, and
     renames the folder into place: a run killed before that leaves a temp folder that is never resumed.
     Returns the folder on the main process, None on the others.
+
+    ``asynchronous=True``: ``torch.distributed.checkpoint.async_save`` copies the state to CPU memory
+    and writes it in a background thread, talking to the other processes over ``process_group`` (a
+    gloo group of its own, so its collectives never interleave with training's). The call returns a
+    :class:`PendingCheckpoint` at once; on the main process its completion (DCP's, which follows every
+    process's writes) adds the trainer state and manifest and renames the folder, then calls
+    ``on_complete(folder)``. Wait for it before the next save.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -223,26 +236,85 @@ def save_sharded_checkpoint(
             shutil.rmtree(tmp)  # a save killed half-way
         tmp.mkdir()
     barrier()
-    try:
-        dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not _distributed())
-    except BaseException as err:
+    # Serialised now: training goes on changing what the trainer state refers to.
+    state_bytes = io.BytesIO()
+    if is_main:
+        torch.save(trainer_state, state_bytes)
+
+    def finish() -> Path | None:
+        if not is_main:
+            return None
+        try:
+            with open(tmp / STATE_FILE, "wb") as handle:
+                handle.write(state_bytes.getvalue())
+            for name, text in (text_files or {}).items():
+                (tmp / name).write_text(text)
+            _write_manifest(tmp, step, format="sharded")
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _raise_named(err, final)
+        _move_into_place(tmp, final)
+        if on_complete is not None:
+            on_complete(final)
+        return final
+
+    def failed(err: BaseException) -> None:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         _raise_named(err, final)
-    barrier()  # every process's shards are on disk
-    if not is_main:
-        return None
+
+    if asynchronous:
+        try:
+            started = dcp.async_save(state, checkpoint_id=str(tmp / SHARDED_DIR), process_group=process_group,
+                                     no_dist=not _distributed())
+        except BaseException as err:
+            failed(err)
+        # A Future, or (with asynchronous staging) a response whose upload_completion is the Future.
+        return PendingCheckpoint(getattr(started, "upload_completion", started), final, finish, failed)
     try:
-        with open(tmp / STATE_FILE, "wb") as handle:
-            torch.save(trainer_state, handle)
-        for name, text in (text_files or {}).items():
-            (tmp / name).write_text(text)
-        _write_manifest(tmp, step, format="sharded")
+        dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not _distributed())
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _raise_named(err, final)
-    _move_into_place(tmp, final)
-    return final
+        failed(err)
+    barrier()  # every process's shards are on disk
+    return finish()
+
+
+class PendingCheckpoint:
+    """A sharded checkpoint being written in the background (``train.async_checkpoint``).
+
+    ``wait()`` blocks until it is in place and returns its folder (None on processes other than the
+    main one), or raises what made it fail -- then no folder appears and the previous checkpoints stay.
+    """
+
+    def __init__(self, future: Any, final: Path, finish: Callable[[], Path | None],
+                 failed: Callable[[BaseException], None]) -> None:
+        self.final = final
+        self._done = threading.Event()
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+
+        def complete(done_future: Any) -> None:
+            try:
+                try:
+                    done_future.result()
+                except BaseException as err:
+                    failed(err)  # cleans up and raises the error named after the checkpoint
+                self._path = finish()
+            except BaseException as err:
+                self._error = err
+            finally:
+                self._done.set()
+
+        future.add_done_callback(complete)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> Path | None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._path
 
 
 def sharded_keys(path: Path) -> set[str]:

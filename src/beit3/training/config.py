@@ -135,6 +135,10 @@ class TrainSection:
     ``from_pretrained`` folder); ``sharded``: every process writes its own shards with
     ``torch.distributed.checkpoint`` (no gather, no full copy in one process's memory; resumable on
     another number of processes; ``beit3 convert`` makes it a ``from_pretrained`` folder)."""
+    async_checkpoint: bool = False
+    """With ``checkpoint_format: sharded``: copy the state to CPU memory and write it in the background
+    while training goes on (``torch.distributed.checkpoint.async_save``; one host copy of each
+    process's shards, one save in flight at a time). The folder appears when complete, as ever."""
     max_nonfinite_steps: int = 5
     """Stop (after writing a checkpoint) when this many consecutive steps had a non-finite loss."""
     resume: str | None = None
@@ -228,6 +232,9 @@ class RunConfig:
             problems.append("train.keep_last must be at least 1")
         if self.train.threads is not None and self.train.threads < 1:
             problems.append("train.threads must be at least 1 (or null)")
+        if self.train.async_checkpoint and self.train.checkpoint_format != "sharded":
+            problems.append("train.async_checkpoint needs train.checkpoint_format=sharded (full checkpoints are "
+                            "gathered to one process and written there)")
         if self.train.max_nonfinite_steps < 1:
             problems.append("train.max_nonfinite_steps must be at least 1")
         if self.parallel.strategy == "fsdp" and self.train.precision == "fp16":

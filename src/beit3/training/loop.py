@@ -403,8 +403,21 @@ class Trainer:
             state["data_skipped"] = skipped
         return state
 
+    def _wait_for_checkpoint(self) -> Path | None:
+        """Block until the checkpoint being written in the background (if any) is in place."""
+        pending, self._pending_checkpoint = getattr(self, "_pending_checkpoint", None), None
+        return None if pending is None else pending.wait()
+
+    def _checkpoint_group(self) -> Any:
+        """The gloo group of background checkpoint writes (created once, by every process together)."""
+        if getattr(self, "_async_group", None) is None and torch.distributed.is_initialized():
+            self._async_group = torch.distributed.new_group(backend="gloo")
+        return getattr(self, "_async_group", None)
+
     def _save_sharded(self) -> Path | None:
-        """Every process writes its shards with DCP; nothing is gathered (collective call)."""
+        """Every process writes its shards with DCP; nothing is gathered (collective call). With
+        ``train.async_checkpoint`` the writing goes on in the background (see save_sharded_checkpoint)."""
+        self._wait_for_checkpoint()  # one save in flight at a time
         opts = StateDictOptions(flatten_optimizer_state_dict=True)
         optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=opts)
         state: dict[str, Any] = {"model": get_model_state_dict(self.raw_model), "optim": optim_state}
@@ -423,12 +436,23 @@ class Trainer:
             model_config = self._model_config_json()
             if model_config is not None:
                 texts["config.json"] = model_config
-        path = ckpt.save_sharded_checkpoint(self.checkpoint_root, self.step, state=state, trainer_state=trainer_state,
-                                            text_files=texts, is_main=self.dist.is_main, barrier=D.barrier)
-        if self.dist.is_main:
-            if self.best is not None and self.best["step"] == self.step:
-                ckpt.write_best(self.checkpoint_root, self.step, self.task.spec.metric, self.best["value"])
+        best = self.best is not None and self.best["step"] == self.step
+        step, metric, value = self.step, self.task.spec.metric, self.best["value"] if best else None
+
+        def in_place(_: Path) -> None:  # the main process, once the folder is complete
+            if best:
+                ckpt.write_best(self.checkpoint_root, step, metric, value)
             ckpt.prune_checkpoints(self.checkpoint_root, self.cfg.train.keep_last)
+
+        if self.cfg.train.async_checkpoint:
+            self._pending_checkpoint = ckpt.save_sharded_checkpoint(
+                self.checkpoint_root, self.step, state=state, trainer_state=trainer_state, text_files=texts,
+                is_main=self.dist.is_main, barrier=D.barrier, asynchronous=True,
+                process_group=self._checkpoint_group(), on_complete=in_place if self.dist.is_main else None)
+            return self._pending_checkpoint.final if self.dist.is_main else None
+        path = ckpt.save_sharded_checkpoint(self.checkpoint_root, self.step, state=state, trainer_state=trainer_state,
+                                            text_files=texts, is_main=self.dist.is_main, barrier=D.barrier,
+                                            on_complete=in_place if self.dist.is_main else None)
         D.barrier()
         return path
 
@@ -695,10 +719,16 @@ class Trainer:
                         last_path = self.save()
                     if stop_reason != "completed":
                         break
+            self._wait_for_checkpoint()  # the last checkpoint is in place before the run reports done
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             run_log.close()
+            if getattr(self, "_pending_checkpoint", None) is not None:  # leaving on an error
+                try:
+                    self._wait_for_checkpoint()
+                except Exception:  # the error already propagating is the one to report
+                    logger.exception("the checkpoint being written in the background failed too")
         if stop_reason == "completed" and is_main:
             self._export_final()
         wall = time.perf_counter() - started
