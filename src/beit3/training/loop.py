@@ -254,6 +254,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.best: dict[str, Any] | None = None
+        self._pending_checkpoint: ckpt.PendingCheckpoint | None = None  # train.async_checkpoint
+        self._async_group: Any = None  # its gloo group, made at the first background save
         self._maybe_resume()
 
     def _prepare_output_dir(self) -> None:
@@ -405,14 +407,14 @@ class Trainer:
 
     def _wait_for_checkpoint(self) -> Path | None:
         """Block until the checkpoint being written in the background (if any) is in place."""
-        pending, self._pending_checkpoint = getattr(self, "_pending_checkpoint", None), None
+        pending, self._pending_checkpoint = self._pending_checkpoint, None
         return None if pending is None else pending.wait()
 
     def _checkpoint_group(self) -> Any:
         """The gloo group of background checkpoint writes (created once, by every process together)."""
-        if getattr(self, "_async_group", None) is None and torch.distributed.is_initialized():
+        if self._async_group is None and torch.distributed.is_initialized():
             self._async_group = torch.distributed.new_group(backend="gloo")
-        return getattr(self, "_async_group", None)
+        return self._async_group
 
     def _save_sharded(self) -> Path | None:
         """Every process writes its shards with DCP; nothing is gathered (collective call). With
@@ -724,7 +726,7 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             run_log.close()
-            if getattr(self, "_pending_checkpoint", None) is not None:  # leaving on an error
+            if self._pending_checkpoint is not None:  # leaving on an error
                 try:
                     self._wait_for_checkpoint()
                 except Exception:  # the error already propagating is the one to report
