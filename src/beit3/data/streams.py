@@ -32,6 +32,7 @@ import bisect
 import contextlib
 import glob
 import io
+import itertools
 import json
 import os
 import random
@@ -39,7 +40,7 @@ import re
 import tarfile
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -441,6 +442,35 @@ class TextFiles:
         return {"__key__": f"{path}:{line_no}", "text": text}
 
 
+def head_refs(source: Source, count: int) -> tuple[list[Any], dict[str, int]]:
+    """The first ``count`` sample references of ``source`` in unit order, and how many each unit gave.
+
+    For holding out validation samples from a stream: pass the counts as the training
+    ``SampleStream``'s ``holdout``. Only the units needed are read (a streamed shard up to the
+    samples taken); streamed references hold their bytes, so the list can be read at random.
+    """
+    refs: list[Any] = []
+    taken: dict[str, int] = {}
+    for unit in source.units():
+        if len(refs) >= count:
+            break
+        unit_refs = iter(source.refs(unit))
+        try:
+            for ref in unit_refs:
+                refs.append(ref)
+                taken[unit] = taken.get(unit, 0) + 1
+                if len(refs) >= count:
+                    break
+        except SHARD_ERRORS as err:
+            warnings.warn(f"shard {unit} cannot be read further ({err}); validation takes the next",
+                          BadSampleWarning, stacklevel=2)
+        finally:
+            close = getattr(unit_refs, "close", None)  # a generator over a stream: stop reading it
+            if close is not None:
+                close()
+    return refs, taken
+
+
 def buffered_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Approximate shuffle: fill a buffer of ``size``, then emit a random element for each new one."""
     buffer: list[Any] = []
@@ -466,8 +496,10 @@ class SampleStream(IterableDataset):
     """Stream samples having ``fields`` (e.g. ``("image",)``, ``("text",)``, ``("image", "text")``) from a source.
 
     ``infinite=True`` moves to the next epoch (a new shuffle) at the end, for step-based pretraining;
-    otherwise call ``set_epoch`` before each pass. ``transform`` receives the sample dict and must
-    return a dict. Samples that lack a field or whose image cannot be read are skipped with a warning
+    otherwise call ``set_epoch`` before each pass. ``transform`` receives the sample dict (with its
+    ``__slot__``, ``__epoch__`` and ``__position__``, e.g. to seed per-sample randomness) and must
+    return a dict. ``holdout`` maps units to a number of their first samples left out (the
+    validation samples :func:`head_refs` took). Samples that lack a field or whose image cannot be read are skipped with a warning
     and counted in ``skipped`` (per process); ``strict=True`` raises instead.
     """
 
@@ -483,8 +515,10 @@ class SampleStream(IterableDataset):
         world_size: int | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         strict: bool = False,
+        holdout: Mapping[str, int] | None = None,
     ) -> None:
         self.source = source
+        self.holdout = dict(holdout or {})
         self.fields = tuple(fields)
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -535,7 +569,7 @@ class SampleStream(IterableDataset):
     def _unit_refs(self, unit: str) -> Iterator[Any]:
         """A unit's references; a unit that fails to read ends there (counted once), unless ``strict``."""
         try:
-            yield from self.source.refs(unit)
+            yield from itertools.islice(self.source.refs(unit), self.holdout.get(unit, 0), None)
         except SHARD_ERRORS as err:
             if self.strict:
                 raise DataError(f"cannot read shard {unit}: {err}") from err
@@ -560,10 +594,10 @@ class SampleStream(IterableDataset):
                 sample = self._load(ref)
                 if sample is None:
                     continue
+                meta = {"__slot__": slot, "__epoch__": epoch, "__position__": position}
                 if self.transform:
-                    sample = self.transform(sample)
-                sample.update({"__slot__": slot, "__epoch__": epoch, "__position__": position,
-                               "__skips__": self._pending_skips})
+                    sample = self.transform({**sample, **meta})
+                sample.update(meta, __skips__=self._pending_skips)
                 self._pending_skips = []
                 yield sample
             if not self.infinite:

@@ -9,6 +9,11 @@ image, when ``pair_mask_image``), the BERT corruption of each text and caption. 
 targets are *not* computed here: they need the tokenizer's forward, which the task runs on the
 accelerator for the whole batch (as BEiT v2 does).
 
+Every random draw of a training sample (masks, crop, flip, jitter, text corruption) is seeded by
+``train.seed`` and the sample's place in the data (epoch and index here; shard order and position
+in :class:`MaskedDataModelingStream`), never by the process or worker that reads it: 1 process and
+2 see the same inputs, and a run resumed on another number of processes continues exactly.
+
 A bad sample (an undecodable, truncated or oversized image, a pair without ``.txt``, an empty
 caption) never stops a run: it is replaced by the next sample of its source (``index + 1``, ...,
 so the choice is the same on a resumed run) and recorded under the sample's ``__skips__`` key as
@@ -17,9 +22,10 @@ them. ``strict=True`` raises a ``DataError`` naming the shard and key instead.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,30 +80,71 @@ def pretraining_transform(image_size: int, train: bool, crop_scale: Sequence[flo
     return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-class MaskedDataModelingDataset(Dataset):
-    """Map-style dataset over three lists of sample references.
+class MaskedSamples:
+    """Decoded images, texts and pairs -> the model's masked inputs, for one image size and masking.
 
-    images / texts / pairs: (source, refs) with ``source.load(ref)`` returning a dict with
-    ``image`` and/or ``text`` (the :mod:`beit3.data.streams` sources). ``tokenizer`` is a
-    :class:`beit3.processing.Beit3Tokenizer`. With ``train=False`` masks are seeded by the index,
-    so validation sees the same masks every time.
+    The one place a pretraining sample is made: the map-style :class:`MaskedDataModelingDataset` and
+    the streamed :class:`MaskedDataModelingStream` both call it. ``tokenizer`` is a
+    :class:`beit3.processing.Beit3Tokenizer`.
     """
 
-    def __init__(self, images: tuple[Any, list[Any]], texts: tuple[Any, list[Any]], pairs: tuple[Any, list[Any]],
-                 tokenizer: Any, *, image_size: int, patch_size: int, options: MaskingOptions = MaskingOptions(),
-                 train: bool = True, seed: int = 0, crop_scale: Sequence[float] = (0.2, 1.0),
-                 color_jitter: float = 0.4, horizontal_flip: bool = True, strict: bool = False) -> None:
-        for name, (_, refs) in (("images", images), ("texts", texts), ("pairs", pairs)):
-            if not refs:
-                raise ValueError(f"the pretraining {name} source is empty")
-        self.images, self.texts, self.pairs = images, texts, pairs
-        self.tokenizer, self.options, self.train, self.seed = tokenizer, options, train, seed
-        self.strict = strict
+    def __init__(self, tokenizer: Any, *, image_size: int, patch_size: int, options: MaskingOptions = MaskingOptions(),
+                 train: bool = True, crop_scale: Sequence[float] = (0.2, 1.0), color_jitter: float = 0.4,
+                 horizontal_flip: bool = True) -> None:
+        self.tokenizer, self.options, self.train = tokenizer, options, train
         self.transform = pretraining_transform(image_size, train, crop_scale, color_jitter, horizontal_flip)
         grid = image_size // patch_size
         self.masker = BlockMaskingGenerator.from_ratio(grid, options.image_mask_ratio,
                                                        min_num_patches=options.min_block_patches)
         self.special_ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def _masked_text(self, text: str, length: int, prob: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer([text], max_length=length, padding="max_length", truncation=True, return_tensors="pt")
+        ids, attention = encoded["input_ids"], encoded["attention_mask"]
+        corrupted, labels = mask_text_tokens(ids, attention, prob, mask_token_id=self.tokenizer.mask_token_id,
+                                             vocab_size=self.tokenizer.vocab_size, special_ids=self.special_ids,
+                                             generator=generator)
+        return {"input_ids": corrupted[0], "attention_mask": attention[0], "labels": labels[0]}
+
+    def text(self, text: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``text_input_ids`` / ``text_attention_mask`` / ``text_labels`` of a text-only sample."""
+        part = self._masked_text(text, self.options.text_length, self.options.text_mask_prob, generator)
+        return {f"text_{key}": value for key, value in part.items()}
+
+    def caption(self, text: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``pair_input_ids`` / ``pair_attention_mask`` / ``pair_labels`` of a pair's caption."""
+        part = self._masked_text(text, self.options.caption_length, self.options.pair_mask_prob, generator)
+        return {f"pair_{key}": value for key, value in part.items()}
+
+    def image(self, image: Any, mask: Any) -> dict[str, Any]:
+        """``image_pixel_values`` (augmented, [-1, 1]) and ``image_mask`` (the block mask) of an image."""
+        return {"image_pixel_values": self.transform(image.convert("RGB")), "image_mask": mask}
+
+    def pair_image(self, image: Any, mask: Any) -> dict[str, Any]:
+        """``pair_pixel_values``, and ``pair_image_mask`` when pair images are masked too."""
+        out = {"pair_pixel_values": self.transform(image.convert("RGB"))}
+        if self.options.pair_mask_image:
+            out["pair_image_mask"] = mask
+        return out
+
+
+class MaskedDataModelingDataset(Dataset):
+    """Map-style dataset over three lists of sample references.
+
+    images / texts / pairs: (source, refs) with ``source.load(ref)`` returning a dict with
+    ``image`` and/or ``text`` (the :mod:`beit3.data.streams` sources). With ``train=False`` (in
+    ``samples``) masks are seeded by the index, so validation sees the same masks every time.
+    """
+
+    def __init__(self, images: tuple[Any, Sequence[Any]], texts: tuple[Any, Sequence[Any]],
+                 pairs: tuple[Any, Sequence[Any]], samples: MaskedSamples, *, seed: int = 0,
+                 strict: bool = False) -> None:
+        for name, (_, refs) in (("images", images), ("texts", texts), ("pairs", pairs)):
+            if not refs:
+                raise ValueError(f"the pretraining {name} source is empty")
+        self.images, self.texts, self.pairs = images, texts, pairs
+        self.samples, self.train, self.seed, self.strict = samples, samples.train, seed, strict
+        self.epoch = 0
 
     def __len__(self) -> int:
         return max(len(self.images[1]), len(self.texts[1]), len(self.pairs[1]))
@@ -123,45 +170,139 @@ class MaskedDataModelingDataset(Dataset):
         raise DataError(f"pretraining {name}: {MAX_BAD_IN_A_ROW} bad samples in a row from sample {index}; "
                         "the source looks broken")
 
-    def _masked_text(self, text: str, length: int, prob: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer([text], max_length=length, padding="max_length", truncation=True, return_tensors="pt")
-        ids, attention = encoded["input_ids"], encoded["attention_mask"]
-        corrupted, labels = mask_text_tokens(ids, attention, prob, mask_token_id=self.tokenizer.mask_token_id,
-                                             vocab_size=self.tokenizer.vocab_size, special_ids=self.special_ids,
-                                             generator=generator)
-        return {"input_ids": corrupted[0], "attention_mask": attention[0], "labels": labels[0]}
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next samples belong to (the engine sets it before each epoch's loader)."""
+        self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if self.train:  # fresh masks every epoch; the engine seeds torch per rank and per worker
-            seed = int(torch.randint(0, 2**62, ()).item())
-        else:
-            seed = self.seed * 1_000_003 + index
-        rng = np.random.default_rng(seed)
-        generator = torch.Generator().manual_seed(seed)
-        opts = self.options
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # Training draws are seeded by (seed, epoch, index): the same masks and crops on any number of
+        # processes and workers, and after a resume. Validation's by the index alone: the same every time.
+        entropy = [self.seed, self.epoch, index] if self.train else [self.seed, index]
+        with seeded_draws(entropy) as (rng, generator):
+            make = self.samples
+            skips: list[tuple[str, str]] = []
+            image = self._load("images", index, skips)["image"]
+            text = self._load("texts", index, skips)["text"]
+            pair = self._load("pairs", index, skips)
+            masks = make.masker(2, rng)
+            text_part = make.text(text, generator)
+            caption_part = make.caption(pair["text"], generator)
+            return {**make.image(image, masks[0]), **text_part, **make.pair_image(pair["image"], masks[1]),
+                    **caption_part, SKIPS_KEY: skips}
 
-        skips: list[tuple[str, str]] = []
-        image = self._load("images", index, skips)["image"]
-        text = self._load("texts", index, skips)["text"]
-        pair = self._load("pairs", index, skips)
-        masks = self.masker(2, rng)
-        text_part = self._masked_text(text, opts.text_length, opts.text_mask_prob, generator)
-        pair_part = self._masked_text(pair["text"], opts.caption_length, opts.pair_mask_prob, generator)
-        sample = {
-            "image_pixel_values": self.transform(image.convert("RGB")),
-            "image_mask": masks[0],
-            "text_input_ids": text_part["input_ids"],
-            "text_attention_mask": text_part["attention_mask"],
-            "text_labels": text_part["labels"],
-            "pair_pixel_values": self.transform(pair["image"].convert("RGB")),
-            "pair_input_ids": pair_part["input_ids"],
-            "pair_attention_mask": pair_part["attention_mask"],
-            "pair_labels": pair_part["labels"],
+
+@contextlib.contextmanager
+def seeded_draws(entropy: Sequence[int]) -> Iterator[tuple[np.random.Generator, torch.Generator]]:
+    """(numpy generator, torch generator) seeded by ``entropy``, with torch's global generator (which
+    the augmentation draws from) seeded by it too inside the block and restored after it."""
+    mask_seed, torch_seed = (int(x) >> 1 for x in np.random.SeedSequence(list(entropy)).generate_state(2, np.uint64))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        yield np.random.default_rng(mask_seed), torch.Generator().manual_seed(torch_seed)
+
+
+STREAM_KINDS = ("images", "texts", "pairs")
+
+
+class _StreamedSample:
+    """A stream's transform: one kind's masked inputs, with every random draw seeded by the sample's
+    place in its stream (slot, epoch, position), so a resumed run makes the very same masks and crops."""
+
+    def __init__(self, samples: MaskedSamples, kind: str, seed: int) -> None:
+        self.samples, self.kind, self.seed = samples, kind, seed
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        entropy = [self.seed, STREAM_KINDS.index(self.kind), sample["__slot__"], sample["__epoch__"],
+                   sample["__position__"]]
+        make = self.samples
+        with seeded_draws(entropy) as (rng, generator):
+            if self.kind == "images":
+                return make.image(sample["image"], make.masker(1, rng)[0])
+            if self.kind == "texts":
+                return make.text(sample["text"], generator)
+            return {**make.pair_image(sample["image"], make.masker(1, rng)[0]),
+                    **make.caption(sample["text"], generator)}
+
+
+class MaskedDataModelingStream:
+    """Training data of ``beit3 pretrain`` read as streams: ``.tar.gz`` shards, ``http(s)://`` and
+    ``pipe:`` URLs, or local tars with ``task.options.streaming=true``.
+
+    Each source is an endless :class:`~beit3.data.SampleStream` (shuffled shards and a shuffle
+    buffer, a new order every epoch of that source); a :class:`~beit3.data.MixingLoader` zips them,
+    so each micro-batch holds ``micro_batch`` images, texts and pairs, as the map-style dataset's do.
+    Bad samples are skipped and counted by the streams (``skipped_samples``). ``holdout`` names, per
+    source, the first samples of some units that validation took (:func:`beit3.data.streams.head_refs`).
+
+    ``state_dict()`` is this process's data position; the engine saves every process's and hands
+    them all back (``load_state_dict``) on resume. With the same number of processes and data-loader
+    workers the run continues with exactly the samples (and masks and crops) it would have seen;
+    with another number it starts the saved epoch of each source again in the new layout.
+    """
+
+    def __init__(self, sources: dict[str, Any], samples: MaskedSamples, *, seed: int = 0, shuffle_buffer: int = 1000,
+                 strict: bool = False, holdout: dict[str, dict[str, int]] | None = None) -> None:
+        from beit3.data.streams import SampleStream
+
+        holdout = holdout or {}
+        self.streams = {
+            name: SampleStream(sources[name], fields=SOURCE_FIELDS[name], shuffle_buffer=shuffle_buffer,
+                               seed=seed + 7919 * k, infinite=True, transform=_StreamedSample(samples, name, seed),
+                               strict=strict, holdout=holdout.get(name))
+            for k, name in enumerate(STREAM_KINDS)
         }
-        if opts.pair_mask_image:
-            sample["pair_image_mask"] = masks[1]
-        sample[SKIPS_KEY] = skips
-        return sample
+        self._loader: Any = None
+        self._saved: list[dict[str, Any]] | None = None
+
+    def batches(self, micro_batch: int, *, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+        """Endless micro-batches of ``micro_batch`` images + texts + pairs, from this process's slots."""
+        from beit3.data.mixing import MixingLoader
+        from beit3.data.streams import current_rank_and_world
+
+        loader = MixingLoader(self.streams, batch_size=len(STREAM_KINDS) * micro_batch,
+                              proportions={name: 1.0 for name in STREAM_KINDS},
+                              collate={name: default_collate for name in STREAM_KINDS},
+                              num_workers=num_workers, pin_memory=pin_memory)
+        if self._saved is not None:
+            self._restore(loader, current_rank_and_world()[1] * max(1, num_workers))
+        self._loader = loader
+        for parts in loader:
+            batch = {key: value for part in parts.values() for key, value in part.items()}
+            batch[SKIPS_KEY] = []  # the streams count their own (skipped_samples)
+            yield batch
+
+    def _restore(self, loader: Any, slots: int) -> None:
+        saved, self._saved = self._saved, None
+        merged: dict[str, dict[str, Any]] = {}
+        for state in saved:  # every process's positions: each slot's last consumed sample
+            for name, part in state.items():
+                into = merged.setdefault(name, {"slots": part["slots"], "positions": {}})
+                into["positions"].update(part["positions"])
+        for name, state in merged.items():
+            if state["slots"] in (None, slots):
+                continue
+            epoch = min((int(p[0]) for p in state["positions"].values()), default=0)
+            warnings.warn(f"pretraining {name}: the data position was saved with {state['slots']} loader slots "
+                          f"(processes x workers), this run has {slots}; starting epoch {epoch} of the stream "
+                          "again in the new layout", stacklevel=3)
+            self.streams[name].set_epoch(epoch)
+            state["slots"] = None  # nothing to resume exactly
+        loader.load_state_dict(merged)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's consumed positions per source (empty before the first batch)."""
+        if self._loader is None:
+            return {}
+        return {name: {k: v for k, v in part.items() if k != "skipped"}
+                for name, part in self._loader.state_dict().items()}
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the ``state_dict()`` of every process of the saved run (applied at ``batches``)."""
+        self._saved = [state for state in states if state]
+
+    def skipped_samples(self) -> dict[str, dict[str, int]]:
+        """Bad samples this process's streams skipped in the batches consumed: source -> shard -> count."""
+        return self._loader.skipped_samples() if self._loader is not None else {}
 
 
 def pretraining_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,10 @@ Relative paths are taken under ``data.root``.
   Defaults: the synthetic world's ``pretrain/images/*.tar``, ``pretrain/pairs/*.tar``,
   ``pretrain/texts.txt``.
 * ``val_size``: samples of each source held out for validation (default 32).
+* ``streaming``: ``auto`` (default: when ``images`` or ``pairs`` name a ``.tar.gz`` shard or an
+  ``http(s)://`` / ``pipe:`` URL), ``true`` or ``false``. Streamed sources are read by
+  :class:`~beit3.pretraining.data.MaskedDataModelingStream` (``shuffle_buffer``, default 1000);
+  the run then needs ``schedule.max_steps``.
 * bad samples are skipped and counted per source and shard (``skipped_<source>`` in metrics.jsonl,
   ``data_skipped`` in summary.json); ``data.strict=true`` raises instead, naming shard and key.
 * masking: ``text_mask_prob`` (0.15), ``pair_mask_prob`` (0.5), ``image_mask_ratio`` (0.4),
@@ -45,6 +49,8 @@ from beit3.pretraining.data import (
     SKIPS_KEY,
     SOURCE_FIELDS,
     MaskedDataModelingDataset,
+    MaskedDataModelingStream,
+    MaskedSamples,
     MaskingOptions,
     pretraining_collate,
     source_refs,
@@ -58,7 +64,8 @@ STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
 EVAL_STREAMS = (*STREAMS, "pair_mlm_shuffled")
 _MASKING_KEYS = {f.name for f in dataclasses.fields(MaskingOptions)}
 _KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "vocab_size", "images", "pairs", "texts",
-                          "val_size", "crop_scale", "color_jitter", "horizontal_flip", "loss_weights"}
+                          "val_size", "crop_scale", "color_jitter", "horizontal_flip", "loss_weights",
+                          "streaming", "shuffle_buffer"}
 
 
 @register_task
@@ -94,6 +101,7 @@ class MaskedDataModelingTask:
         self.cfg = cfg
         self._tokenizers: tuple[Any, VQKD] | None = None
         self._skipped: dict[str, dict[str, int]] = {name: {} for name in SOURCE_FIELDS}
+        self._stream: MaskedDataModelingStream | None = None  # the training data, when streamed
 
     def setup(self, cfg: Any, dist: Any = None) -> None:
         """Load the visual tokenizer and get the text tokenizer: trained on the corpus when none is
@@ -116,8 +124,16 @@ class MaskedDataModelingTask:
         return self._tokenizers[1]
 
     # ------------------------------------------------------------------------------ building
-    def _path(self, value: str) -> str:
-        return str(self.root / value) if self.root is not None and not Path(value).is_absolute() else value
+    def _path(self, value: Any) -> Any:
+        """A path option under ``data.root`` (each of a list); absolute paths and URLs as they are."""
+        from beit3.data.streams import STREAM_PREFIXES
+
+        if isinstance(value, (list, tuple)):
+            return [self._path(item) for item in value]
+        value = str(value)
+        if self.root is None or Path(value).is_absolute() or value.startswith(STREAM_PREFIXES):
+            return value
+        return str(self.root / value)
 
     def _text_tokenizer(self, cfg: Any, main: bool):
         from beit3.processing import Beit3Tokenizer, train_tokenizer
@@ -159,32 +175,62 @@ class MaskedDataModelingTask:
                              f"{model.config.grid_size}x{model.config.grid_size} patches; see docs/pretraining.md")
         return model
 
-    def build_datasets(self, cfg: Any) -> tuple[MaskedDataModelingDataset, MaskedDataModelingDataset | None]:
+    def build_datasets(self, cfg: Any) -> tuple[Any, MaskedDataModelingDataset | None]:
         from beit3.data import TarShards, TextFiles
+        from beit3.data.streams import is_streamed
 
         opts = self.options
         sources = {
             "images": TarShards(self._path(opts.get("images", "pretrain/images/*.tar"))),
-            "pairs": TarShards(self._path(opts.get("pairs", "pretrain/pairs/*.tar"))),
             "texts": TextFiles(self._path(opts.get("texts", "pretrain/texts.txt"))),
+            "pairs": TarShards(self._path(opts.get("pairs", "pretrain/pairs/*.tar"))),
         }
+        streaming = opts.get("streaming", "auto")
+        if streaming not in ("auto", True, False):
+            raise ValueError(f"task.options.streaming must be auto, true or false, not {streaming!r}")
+        if streaming == "auto":
+            streaming = any(is_streamed(shard) for name in ("images", "pairs") for shard in sources[name].shards)
         val_size = int(opts.get("val_size", 32))
+        common = dict(image_size=cfg.model.image_size,
+                      patch_size=cfg.model.image_size // self.visual_tokenizer.config.grid_size,
+                      options=self.masking, crop_scale=tuple(opts.get("crop_scale", (0.2, 1.0))),
+                      color_jitter=float(opts.get("color_jitter", 0.4)),
+                      horizontal_flip=bool(opts.get("horizontal_flip", True)))
+        train_samples = MaskedSamples(self.tokenizer, train=True, **common)
+        val_samples = MaskedSamples(self.tokenizer, train=False, **common)
+        strict = bool(getattr(cfg.data, "strict", False))
+        if streaming:
+            return self._streamed_datasets(cfg, sources, train_samples, val_samples, val_size, strict)
         train, val = {}, {}
         for name, source in sources.items():
             refs = source_refs(source)  # tar shards: counts from the shard index, headers read lazily
             if len(refs) <= val_size:
                 raise ValueError(f"pretraining {name}: {len(refs)} samples, not more than val_size={val_size}")
             train[name], val[name] = ((source, part) for part in split_refs(refs, val_size))
-        common = dict(tokenizer=self.tokenizer, image_size=cfg.model.image_size,
-                      patch_size=cfg.model.image_size // self.visual_tokenizer.config.grid_size,
-                      options=self.masking, seed=cfg.train.seed,
-                      crop_scale=tuple(opts.get("crop_scale", (0.2, 1.0))),
-                      color_jitter=float(opts.get("color_jitter", 0.4)),
-                      horizontal_flip=bool(opts.get("horizontal_flip", True)),
-                      strict=bool(getattr(cfg.data, "strict", False)))
-        train_set = MaskedDataModelingDataset(train["images"], train["texts"], train["pairs"], train=True, **common)
-        val_set = MaskedDataModelingDataset(val["images"], val["texts"], val["pairs"], train=False, **common) \
-            if val_size else None
+        train_set = MaskedDataModelingDataset(train["images"], train["texts"], train["pairs"], train_samples,
+                                              seed=cfg.train.seed, strict=strict)
+        val_set = MaskedDataModelingDataset(val["images"], val["texts"], val["pairs"], val_samples,
+                                            seed=cfg.train.seed, strict=strict) if val_size else None
+        return train_set, val_set
+
+    def _streamed_datasets(self, cfg: Any, sources: dict[str, Any], train_samples: MaskedSamples,
+                           val_samples: MaskedSamples, val_size: int, strict: bool) -> tuple[Any, Any]:
+        """Streams for training; validation holds the first ``val_size`` samples of each source (in
+        shard order, read once at start and kept in memory), which training leaves out."""
+        from beit3.data.streams import head_refs
+
+        holdout, val = {}, {}
+        for name, source in sources.items():
+            refs, holdout[name] = head_refs(source, val_size)
+            if len(refs) < val_size:
+                raise ValueError(f"pretraining {name}: {len(refs)} samples, fewer than val_size={val_size}")
+            val[name] = (source, refs)
+        train_set = MaskedDataModelingStream(sources, train_samples, seed=cfg.train.seed, strict=strict,
+                                             shuffle_buffer=int(self.options.get("shuffle_buffer", 1000)),
+                                             holdout=holdout)
+        self._stream = train_set
+        val_set = MaskedDataModelingDataset(val["images"], val["texts"], val["pairs"], val_samples,
+                                            seed=cfg.train.seed, strict=strict) if val_size else None
         return train_set, val_set
 
     # ------------------------------------------------------------------------------ steps
@@ -206,7 +252,12 @@ class MaskedDataModelingTask:
     # ------------------------------------------------------------------------------ data counts
     def skipped_samples(self) -> dict[str, dict[str, int]]:
         """Bad training samples this process skipped so far: source -> shard -> count (every source listed)."""
-        return {name: dict(shards) for name, shards in self._skipped.items()}
+        counts = {name: dict(shards) for name, shards in self._skipped.items()}
+        for name, shards in (self._stream.skipped_samples() if self._stream is not None else {}).items():
+            into = counts.setdefault(name, {})
+            for shard, n in shards.items():
+                into[shard] = into.get(shard, 0) + n
+        return counts
 
     def load_skipped_samples(self, state: Mapping[str, Mapping[str, int]]) -> None:
         """Continue the counts of a checkpoint (:meth:`skipped_samples` of the run that wrote it)."""

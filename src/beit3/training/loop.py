@@ -37,7 +37,7 @@ from beit3.training.config import RunConfig, resolve_paths
 from beit3.training.logging import RunLogger, format_summary, logger, setup_console_logging
 from beit3.training.evaluation import count_tokens, evaluate_batches
 from beit3.training.optim import WarmupCosineSchedule, WeightEma, param_groups
-from beit3.training.task import TrainTask, setup_task
+from beit3.training.task import TrainStream, TrainTask, setup_task
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -184,10 +184,21 @@ class Trainer:
             )
         self.micro_batch = micro
         self.accum_steps = cfg.data.batch_size // (micro * world)
-        self.sampler = D.TrainSampler(len(self.train_set), cfg.data.batch_size, rank, world, cfg.train.seed)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(self.train_set)}) is smaller than one batch ({cfg.data.batch_size})")
+        self.streaming = isinstance(self.train_set, TrainStream)
+        if self.streaming:  # no length: one "epoch" is the whole run
+            if not cfg.schedule.max_steps:
+                raise ValueError("the training data are streamed and have no length: set schedule.max_steps")
+            if cfg.schedule.warmup_steps is None and cfg.schedule.warmup_epochs:
+                raise ValueError("the training data are streamed and have no epochs: set schedule.warmup_steps "
+                                 "instead of schedule.warmup_epochs")
+            self.sampler = None
+            self.steps_per_epoch = cfg.schedule.max_steps
+        else:
+            self.sampler = D.TrainSampler(len(self.train_set), cfg.data.batch_size, rank, world, cfg.train.seed)
+            self.steps_per_epoch = self.sampler.batches_per_epoch
+            if self.steps_per_epoch == 0:
+                raise ValueError(f"the training set ({len(self.train_set)}) is smaller than one batch "
+                                 f"({cfg.data.batch_size})")
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
         warmup = cfg.schedule.warmup_steps
         if warmup is None:
@@ -342,6 +353,12 @@ class Trainer:
         if "data_skipped" in state and callable(getattr(self.task, "load_skipped_samples", None)):
             # The counts of all processes continue on the main one (totals stay right on any world size).
             self.task.load_skipped_samples(state["data_skipped"] if self.dist.is_main else {})
+        if self.streaming:
+            if "data_stream" in state:
+                self.train_set.load_state_dict(state["data_stream"])
+            else:
+                logger.warning("the checkpoint holds no stream position (it was saved from map-style data): "
+                               "the streamed data start from the beginning")
         if state["global_batch"] != self.cfg.data.batch_size:
             logger.warning("resuming with batch %d instead of %d: the data position is approximate",
                            self.cfg.data.batch_size, state["global_batch"])
@@ -372,9 +389,10 @@ class Trainer:
             self.ema.swap(self.raw_model)
         rng = D.all_gather_objects(ckpt.capture_rng_state())
         skipped = self._skipped_everywhere()
+        positions = self._stream_positions()
         path = None
         if self.dist.is_main:
-            trainer_state = {**self._trainer_state(rng, skipped), "optimizer": optim_state}
+            trainer_state = {**self._trainer_state(rng, skipped, positions), "optimizer": optim_state}
             texts = {"run.yaml": self.cfg.to_yaml()}
             model_config = self._model_config_json()
             if model_config is not None:
@@ -389,7 +407,12 @@ class Trainer:
         D.barrier()
         return path
 
-    def _trainer_state(self, rng: list[Any], skipped: dict[str, Any] | None) -> dict[str, Any]:
+    def _stream_positions(self) -> list[dict[str, Any]] | None:
+        """Every process's position in a streamed training set (collective); None for map-style data."""
+        return D.all_gather_objects(self.train_set.state_dict()) if self.streaming else None
+
+    def _trainer_state(self, rng: list[Any], skipped: dict[str, Any] | None,
+                       positions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """What a checkpoint holds besides the tensors of the model and the optimizer."""
         state = {
             "step": self.step,
@@ -403,6 +426,8 @@ class Trainer:
         }
         if skipped is not None:
             state["data_skipped"] = skipped
+        if positions is not None:
+            state["data_stream"] = positions
         return state
 
     def _wait_for_checkpoint(self) -> Path | None:
@@ -429,9 +454,10 @@ class Trainer:
             self.ema.swap(self.raw_model)
         rng = D.all_gather_objects(ckpt.capture_rng_state())
         skipped = self._skipped_everywhere()
+        positions = self._stream_positions()
         trainer_state = texts = None
         if self.dist.is_main:
-            trainer_state = self._trainer_state(rng, skipped)
+            trainer_state = self._trainer_state(rng, skipped, positions)
             # The optimizer's parameter names (plain strings), to check a resume against before loading.
             trainer_state["optimizer_names"] = _optimizer_names(optim_state)
             texts = {"run.yaml": self.cfg.to_yaml()}
@@ -503,7 +529,15 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _epoch_batches(self, epoch: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        if self.streaming:  # the stream resumes itself (load_state_dict at resume)
+            for batch in self.train_set.batches(self.micro_batch, num_workers=self.cfg.data.num_workers,
+                                                pin_memory=self.dist.device.type == "cuda"):
+                yield _to_device(batch, self.dist.device)
+            return
         self.sampler.set_position(epoch, start_batch)
+        set_epoch = getattr(self.train_set, "set_epoch", None)
+        if callable(set_epoch):  # datasets whose random draws depend on the epoch (before the workers start)
+            set_epoch(epoch)
         generator = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + epoch) * 1009 + self.dist.rank)
         loader = DataLoader(
             self.train_set,
@@ -658,7 +692,7 @@ class Trainer:
                             start_step=self.step, progress_bar=cfg.train.progress_bar)
         run_log.message(
             f"{self.strategy} x{self.dist.world_size} on {self.dist.device.type}: {self.total_steps} steps "
-            f"({self.steps_per_epoch}/epoch), batch {cfg.data.batch_size} = {self.micro_batch} micro x "
+            f"({'streamed data' if self.streaming else f'{self.steps_per_epoch}/epoch'}), batch {cfg.data.batch_size} = {self.micro_batch} micro x "
             f"{self.accum_steps} accum x {self.dist.world_size} procs, {sum(p.numel() for p in self.params):,} "
             f"trainable parameters"
         )

@@ -9,7 +9,7 @@ catalogue (:mod:`beit3.catalogue`); a recipe may also name any factory as ``pack
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -22,7 +22,30 @@ if TYPE_CHECKING:
     from beit3.training.config import RunConfig
     from beit3.training.distributed import DistInfo
 
-__all__ = ["TaskKind", "TaskSpec", "TrainTask", "build_task", "register_task"]
+__all__ = ["TaskKind", "TaskSpec", "TrainStream", "TrainTask", "build_task", "register_task"]
+
+
+@runtime_checkable
+class TrainStream(Protocol):
+    """A training set without a length (streamed shards), which ``build_datasets`` may return
+    instead of a map-style dataset; the run then counts steps only (``schedule.max_steps``).
+
+    The stream splits its data between processes (and data-loader workers) itself. Its
+    ``state_dict()`` is one process's data position: a checkpoint keeps every process's, and
+    ``load_state_dict`` receives that list on resume, before the first ``batches`` call.
+    """
+
+    def batches(self, micro_batch: int, *, num_workers: int, pin_memory: bool) -> Iterator[dict[str, Any]]:
+        """Endless collated micro-batches for this process."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's position: what it consumed so far."""
+        ...
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Continue after the positions of every process of the saved run."""
+        ...
 
 
 @runtime_checkable
@@ -47,8 +70,9 @@ class TrainTask(Protocol):
         ...
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        """(train, validation) map-style datasets. Validation must use evaluation transforms
-        (the official script validated with training augmentation)."""
+        """(train, validation) map-style datasets (the training set may be a :class:`TrainStream`).
+        Validation must use evaluation transforms (the official script validated with training
+        augmentation)."""
         ...
 
     def train_step(
