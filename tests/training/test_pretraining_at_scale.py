@@ -1,22 +1,17 @@
 """`beit3 pretrain` at scale: streamed shards (HTTP, .tar.gz) with bad samples, resumed exactly; a
 2-process FSDP2 run with sharded checkpoints killed with SIGKILL and resumed on 1 process."""
-import contextlib
 import functools
 import gzip
 import http.server
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_command, subprocess_env, train_losses
+from conftest import REPO, cli_command, kill_when_exists, train_losses
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -134,17 +129,6 @@ def test_streamed_pretraining_needs_max_steps(data, tmp_path, capsys):
     assert status != 0 and "streamed and have no length: set schedule.max_steps" in capsys.readouterr().err
 
 
-def _descendants(pid):
-    found, todo = [], [pid]
-    while todo:
-        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                kids = [int(c) for c in children.read_text().split()]
-                found += kids
-                todo += kids
-    return found
-
-
 TOLERANCE = 5e-5
 """1 process with 2 micro-batches of 2 against 2 FSDP2 processes with 2 each: the same per-micro-batch
 means, summed in another order (the engine's 1-vs-2-process bound)."""
@@ -165,19 +149,7 @@ def test_two_fsdp_processes_killed_mid_pretraining_resume_on_one(data, tmp_path)
     two = tmp_path / "two"
     command = cli_command(2, *_common(root, two, *args, "parallel.strategy=fsdp"))
     log_file = tmp_path / "two.log"
-    with open(log_file, "w") as log_handle:
-        proc = subprocess.Popen(command, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_handle)
-    try:
-        deadline = time.monotonic() + 240
-        while not (two / "checkpoints" / "step_00000004").exists():
-            assert proc.poll() is None, f"training exited before it could be killed: {log_file.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-    finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and both workers, at once
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    kill_when_exists(command, two / "checkpoints" / "step_00000004", log_file, timeout=240)
     assert "fsdp x2" in log_file.read_text()
     assert not (two / "final").exists() and max(train_losses(two)) < 16
     newest = max(int(p.name.split("_")[1]) for p in (two / "checkpoints").glob("step_*") if "tmp" not in p.name)

@@ -1,16 +1,11 @@
 """Sharded (torch.distributed.checkpoint) checkpoints: resumed on another number of processes, the run
 continues as if uninterrupted; consolidated into a from_pretrained folder; written atomically."""
-import contextlib
-import os
-import signal
 import subprocess
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli_command, subprocess_env, train_losses
+from conftest import REPO, TINY, cli_command, kill_when_exists, subprocess_env, train_losses
 from safetensors.torch import load_file
 
 from beit3.training import Trainer, build_task, load_config
@@ -34,18 +29,6 @@ def _assert_continues(reference, resumed, first_step, atol=TOLERANCE):
     assert sorted(wa) == sorted(wb)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=atol, rtol=0, msg=name)
-
-
-def _descendants(pid):
-    """Process ids of every descendant of ``pid`` (from /proc)."""
-    found, todo = [], [pid]
-    while todo:
-        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                kids = [int(c) for c in children.read_text().split()]
-                found += kids
-                todo += kids
-    return found
 
 
 def _fit_here(out, *overrides):
@@ -88,19 +71,7 @@ def test_resumed_on_two_fsdp_processes_killed_then_resumed_on_one_continues_the_
     command = cli_command(2, *SHARDED, f"train.output_dir={two}", "parallel.strategy=fsdp", "task.options.sleep=0.4",
                           f"train.resume={one_process / 'checkpoints' / 'step_00000004'}")
     log_file = tmp_path / "two.log"
-    with open(log_file, "w") as log_handle:
-        proc = subprocess.Popen(command, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_handle)
-    try:
-        deadline = time.monotonic() + 150
-        while not (two / "checkpoints" / "step_00000008").exists():
-            assert proc.poll() is None, f"training exited before it could be killed: {log_file.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-    finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and both workers (own sessions), at once
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    kill_when_exists(command, two / "checkpoints" / "step_00000008", log_file)
     log = log_file.read_text()
     assert "fsdp x2" in log and "RNG states for 1 processes, this run has 2" in log
     assert not (two / "final").exists() and max(train_losses(two)) < 16

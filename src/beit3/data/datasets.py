@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,17 @@ class BadImageError(DataError):
 
 class BadSampleWarning(UserWarning):
     """A sample was skipped because its image could not be read."""
+
+
+def merge_skip_counts(parts: Iterable[Mapping[str, Mapping[str, int]]]) -> dict[str, dict[str, int]]:
+    """Sum counts of skipped samples given as source -> shard -> count (of processes, of streams)."""
+    merged: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for source, shards in part.items():
+            into = merged.setdefault(source, {})
+            for shard, count in shards.items():
+                into[shard] = into.get(shard, 0) + int(count)
+    return merged
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -499,8 +499,9 @@ class SampleStream(IterableDataset):
     otherwise call ``set_epoch`` before each pass. ``transform`` receives the sample dict (with its
     ``__slot__``, ``__epoch__`` and ``__position__``, e.g. to seed per-sample randomness) and must
     return a dict. ``holdout`` maps units to a number of their first samples left out (the
-    validation samples :func:`head_refs` took). Samples that lack a field or whose image cannot be read are skipped with a warning
-    and counted in ``skipped`` (per process); ``strict=True`` raises instead.
+    validation samples :func:`head_refs` took). Samples that lack a field or whose image cannot be
+    read are skipped with a warning and counted in ``skipped`` (per process); ``strict=True`` raises
+    instead.
     """
 
     def __init__(

@@ -201,7 +201,7 @@ def seeded_draws(entropy: Sequence[int]) -> Iterator[tuple[np.random.Generator, 
         yield np.random.default_rng(mask_seed), torch.Generator().manual_seed(torch_seed)
 
 
-STREAM_KINDS = ("images", "texts", "pairs")
+STREAM_KINDS = tuple(SOURCE_FIELDS)  # images, texts, pairs: the order seeds depend on
 
 
 class _StreamedSample:

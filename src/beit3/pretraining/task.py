@@ -252,12 +252,10 @@ class MaskedDataModelingTask:
     # ------------------------------------------------------------------------------ data counts
     def skipped_samples(self) -> dict[str, dict[str, int]]:
         """Bad training samples this process skipped so far: source -> shard -> count (every source listed)."""
-        counts = {name: dict(shards) for name, shards in self._skipped.items()}
-        for name, shards in (self._stream.skipped_samples() if self._stream is not None else {}).items():
-            into = counts.setdefault(name, {})
-            for shard, n in shards.items():
-                into[shard] = into.get(shard, 0) + n
-        return counts
+        from beit3.data.datasets import merge_skip_counts
+
+        streamed = self._stream.skipped_samples() if self._stream is not None else {}
+        return merge_skip_counts([{name: {} for name in SOURCE_FIELDS}, self._skipped, streamed])
 
     def load_skipped_samples(self, state: Mapping[str, Mapping[str, int]]) -> None:
         """Continue the counts of a checkpoint (:meth:`skipped_samples` of the run that wrote it)."""

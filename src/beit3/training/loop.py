@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.data import DataLoader
 
+from beit3.data.datasets import merge_skip_counts
 from beit3.io import atomic_write, atomic_write_text
 from beit3.training import checkpoint as ckpt
 from beit3.training import distributed as D
@@ -615,13 +616,7 @@ class Trainer:
         own = getattr(self.task, "skipped_samples", None)
         if not callable(own):
             return None
-        merged: dict[str, dict[str, int]] = {}
-        for part in D.all_gather_objects(own()):
-            for source, shards in part.items():
-                into = merged.setdefault(source, {})
-                for shard, count in shards.items():
-                    into[shard] = into.get(shard, 0) + int(count)
-        return merged
+        return merge_skip_counts(D.all_gather_objects(own()))
 
     def _skip_totals(self) -> dict[str, float]:
         """``skipped_<source>``: bad samples skipped so far by all processes (collective)."""
@@ -690,9 +685,10 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         run_log = RunLogger(self.output_dir, enabled=is_main, total_steps=self.total_steps,
                             start_step=self.step, progress_bar=cfg.train.progress_bar)
+        per_epoch = "streamed data" if self.streaming else f"{self.steps_per_epoch}/epoch"
         run_log.message(
             f"{self.strategy} x{self.dist.world_size} on {self.dist.device.type}: {self.total_steps} steps "
-            f"({'streamed data' if self.streaming else f'{self.steps_per_epoch}/epoch'}), batch {cfg.data.batch_size} = {self.micro_batch} micro x "
+            f"({per_epoch}), batch {cfg.data.batch_size} = {self.micro_batch} micro x "
             f"{self.accum_steps} accum x {self.dist.world_size} procs, {sum(p.numel() for p in self.params):,} "
             f"trainable parameters"
         )
