@@ -17,7 +17,11 @@ dataset is decoded once, not once per epoch: the cache fills as images are first
 growing at its budget (random access makes eviction useless). Data-loader workers are started anew
 each epoch, so the cache pays with ``num_workers=0`` -- the right setting for small datasets.
 ``image_max_side`` shrinks larger images as they are read (before the cache), for folders of
-photos much bigger than the model's input.
+photos much bigger than the model's input. When the image transform is deterministic (evaluation,
+or training recipes without random crops, flips or RandAugment: see
+:func:`beit3.data.transforms.is_deterministic`), the tasks give it to the dataset as ``pixels``
+and the cache keeps its output, the model's pixels, instead: each image is then decoded and
+resized once per run, not once per epoch.
 
 Labels are checked when a dataset is built (class ids against ``num_classes``, VQA answer labels
 against ``num_labels``, NLVR2 truth values 0 / 1): a wrong one is an error naming the index file,
@@ -75,32 +79,43 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 class ImageCache:
     """Decoded RGB images by path, up to ``max_bytes`` of pixels; ``max_side`` shrinks larger images
     (aspect kept, bicubic) as they are read. ``get`` returns a copy, so a transform cannot change a
-    cached image. ``hits`` / ``misses`` / ``used_bytes`` tell how it does."""
+    cached image. ``hits`` / ``misses`` / ``used_bytes`` tell how it does.
 
-    def __init__(self, max_bytes: int, max_side: int | None = None) -> None:
+    ``pixels``: a deterministic image -> tensor transform applied once to each image read; the
+    cache then holds (and ``get`` returns) its tensors, shared between calls: treat them as read-only.
+    """
+
+    def __init__(self, max_bytes: int, max_side: int | None = None,
+                 pixels: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"the image cache budget must be >= 0 bytes, got {max_bytes}")
         if max_side is not None and max_side < 1:
             raise ValueError(f"image_max_side must be a positive number of pixels, got {max_side}")
-        self.max_bytes, self.max_side = int(max_bytes), max_side
+        self.max_bytes, self.max_side, self.pixels = int(max_bytes), max_side, pixels
         self.used_bytes = self.hits = self.misses = 0
-        self._images: dict[str, Image.Image] = {}
+        self._images: dict[str, Image.Image | torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._images)
 
-    def get(self, path: str | os.PathLike) -> Image.Image:
+    def get(self, path: str | os.PathLike) -> Image.Image | torch.Tensor:
         key = os.fspath(path)
         cached = self._images.get(key)
         if cached is not None:
             self.hits += 1
-            return cached.copy()
+            return cached if self.pixels is not None else cached.copy()
         self.misses += 1
         image = load_image(path)
         if self.max_side is not None and max(image.size) > self.max_side:
             scale = self.max_side / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC)
+        if self.pixels is not None:
+            tensor = self.pixels(image)
+            if self.used_bytes + tensor.nbytes <= self.max_bytes:
+                self._images[key] = tensor
+                self.used_bytes += tensor.nbytes
+            return tensor
         nbytes = image.width * image.height * len(image.getbands())
         if self.used_bytes + nbytes <= self.max_bytes:
             self._images[key] = image
@@ -125,9 +140,11 @@ class IndexDataset(Dataset):
         strict: bool = False,
         image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
         image_max_side: int | None = None,
+        pixels: Callable[[Image.Image], torch.Tensor] | None = None,
     ) -> None:
-        self.images = ImageCache(int(image_cache_mb * 2**20), image_max_side)
-        """Decoded images of this process (see the module notes); ``image_cache_mb=0`` turns it off."""
+        self.images = ImageCache(int(image_cache_mb * 2**20), image_max_side, pixels)
+        """Decoded images of this process (see the module notes); ``image_cache_mb=0`` turns it off.
+        With ``pixels`` (a deterministic image transform) samples hold its tensors instead of images."""
         files = [index_files] if isinstance(index_files, (str, os.PathLike)) else list(index_files)
         self.rows: list[tuple[Path, dict[str, Any]]] = []
         for file in files:
@@ -152,8 +169,8 @@ class IndexDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image(self, index_file: Path, row: dict[str, Any], key: str = "image_path") -> Image.Image:
-        """The image a row points at, resolved relative to its index file."""
+    def image(self, index_file: Path, row: dict[str, Any], key: str = "image_path") -> Image.Image | torch.Tensor:
+        """The image a row points at, resolved relative to its index file (its ``pixels`` when given)."""
         return self.images.get(resolve_image_path(index_file, row[key]))
 
     def sample(self, index_file: Path, row: dict[str, Any]) -> Sample:

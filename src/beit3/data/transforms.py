@@ -96,6 +96,12 @@ class TrainImageTransform:
                                          ratio=(0.3, 1 / 0.3), value="random"))
         return T.Compose(steps)
 
+    @property
+    def deterministic(self) -> bool:
+        """True when no step draws random numbers (whole-view resize, no flip, RandAugment or
+        erasing): an image then always gives the same tensor, which the datasets may cache."""
+        return self.crop_scale[0] >= 1.0 and not (self.horizontal_flip or self.randaug or self.random_erasing > 0)
+
     def __call__(self, image: ImageInput) -> torch.Tensor:
         return self._pipeline(load_image(image))
 
@@ -110,6 +116,15 @@ class TrainImageTransform:
         for key, value in state.items():
             object.__setattr__(self, key, value)
         object.__setattr__(self, "_pipeline", self._build())
+
+
+def is_deterministic(transform: Any) -> bool:
+    """Whether an image transform gives an image the same tensor at every call, so its output can
+    be computed once and cached: a :class:`TrainImageTransform` without random steps, or the
+    evaluation pipeline (``Beit3ImageProcessor.preprocess``, a bound method of a processor that
+    says so). Anything else counts as random."""
+    owner = getattr(transform, "__self__", transform)
+    return bool(getattr(owner, "deterministic", False))
 
 
 def train_image_transform(

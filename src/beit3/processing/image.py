@@ -172,6 +172,10 @@ class Beit3ImageProcessor:
         mean, std: normalisation; defaults 0.5/0.5 for vl and ImageNet's for imagenet.
     """
 
+    deterministic = True
+    """The same image always gives the same tensor (the training datasets cache it; see
+    :func:`beit3.data.transforms.is_deterministic`)."""
+
     def __init__(
         self,
         image_size: int = 224,

@@ -103,6 +103,7 @@ class CaptioningTask(IndexTask):
     )
     defaults = DEFAULTS
     raw_dataset = ImageTextDataset
+    text_keys = ("input_ids", "attention_mask", "labels", "masked_positions")
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)

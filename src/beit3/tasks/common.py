@@ -8,6 +8,7 @@ deterministic :class:`~beit3.processing.Beit3ImageProcessor`.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from abc import ABC, abstractmethod
 import json
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 from beit3.catalogue import TaskSpec
 from beit3.config import Beit3Config
 from beit3.data.datasets import vqa_targets
-from beit3.data.transforms import train_image_transform
+from beit3.data.transforms import is_deterministic, train_image_transform
 from beit3.model_folder import resolve_tokenizer
 from beit3.processing import Beit3ImageProcessor, Beit3Tokenizer
 from beit3.training.config import RunConfig
@@ -80,7 +81,9 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
     """The task model: from ``model.pretrained`` with a fresh head, or from the preset when it is unset.
 
     The pretrained backbone is resized to ``model.image_size`` and gets ``model.drop_path_rate``.
-    The image mask token is frozen (see below).
+    The image mask token is frozen (see below). From scratch with a ``tokenizer`` (captioning,
+    whose head scores every text id), the text vocabulary is the tokenizer's unless
+    ``model.config.vocab_size`` says otherwise: as in pretraining, no rows for ids that never occur.
     """
     sizes = {"image_size": cfg.model.image_size, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.pretrained:
@@ -88,6 +91,8 @@ def build_task_model(cls: type, cfg: RunConfig, tokenizer: Beit3Tokenizer | None
     else:
         if cls.official_final_norm is not None:  # the task's choice, as from_pretrained(init_head=True)
             sizes["final_norm"] = cls.official_final_norm
+        if tokenizer is not None and "vocab_size" not in cfg.model.config:
+            sizes["vocab_size"] = tokenizer.vocab_size
         model = cls(Beit3Config.from_preset(cfg.model.preset, **{**cfg.model.config, **sizes}), **head_args)
     # The image mask token is for masked-image pretraining; no fine-tuning task uses it. Left
     # trainable, DDP (find_unused_parameters=False) would wait for its gradient forever: nothing is
@@ -121,10 +126,11 @@ class SampleProcessor:
     VQA ``labels`` + ``scores`` -> dense soft ``labels`` over ``num_labels`` answers;
     ``image_id`` / ``qid`` / ``index`` -> integer tensors. ``text_transform`` may rewrite the
     encoded text (captioning masks it); other keys (caption references) are dropped: tasks read
-    them from the index.
+    them from the index. ``image=None``: the samples already hold pixels (a dataset that caches
+    the output of a deterministic image transform, see :meth:`IndexTask.dataset`).
     """
 
-    def __init__(self, image: Callable[[Any], torch.Tensor], tokenizer: Beit3Tokenizer | None = None,
+    def __init__(self, image: Callable[[Any], torch.Tensor] | None, tokenizer: Beit3Tokenizer | None = None,
                  max_text_len: int = 64, *, num_labels: int | None = None,
                  text_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
         self.image, self.tokenizer, self.max_text_len = image, tokenizer, max_text_len
@@ -132,10 +138,11 @@ class SampleProcessor:
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         row: dict[str, torch.Tensor] = {}
+        pixels = self.image or (lambda given: given)
         if "image2" in sample:
-            row["pixel_values"] = torch.stack([self.image(sample["image"]), self.image(sample["image2"])])
+            row["pixel_values"] = torch.stack([pixels(sample["image"]), pixels(sample["image2"])])
         else:
-            row["pixel_values"] = self.image(sample["image"])
+            row["pixel_values"] = pixels(sample["image"])
         if sample.get("text") is not None and self.tokenizer is not None:
             text = self.tokenizer([sample["text"]], max_length=self.max_text_len, padding="max_length", truncation=True, return_tensors="pt")
             if self.text_transform is not None:
@@ -181,6 +188,32 @@ def kept(batch: Mapping[str, Any]) -> torch.Tensor:
     return ~batch["is_padding"]
 
 
+class TextCollate:
+    """``default_collate``, then the text columns ``keys`` cut to the batch's longest text (the last
+    column any ``attention_mask`` row attends), rounded up to a multiple of ``multiple``.
+
+    The rows are padded on the right and the mask hides the padding, so the cut changes no real
+    token's output: only how much padding the model computes (a VQA question of 11 ids padded to
+    32 is two thirds padding). Batches without an ``attention_mask`` pass as they are.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("input_ids", "attention_mask"), multiple: int = 8) -> None:
+        self.keys, self.multiple = tuple(keys), int(multiple)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(rows)
+        mask = batch.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return batch
+        used = mask.any(0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 1
+        length = min(mask.shape[1], -(-length // self.multiple) * self.multiple)
+        for key in self.keys:
+            if key in batch:
+                batch[key] = batch[key][:, :length]
+        return batch
+
+
 class IndexTask(ABC):
     """What the index-based tasks share: options parsed against ``defaults`` and checked
     against the spec's ``datasets``, the model from ``spec.model_class`` and ``head_args()``,
@@ -195,9 +228,14 @@ class IndexTask(ABC):
     collate_fn = staticmethod(default_collate)
     """Rows of fixed-shape tensors (see :class:`SampleProcessor`) stack as they are."""
 
+    text_keys: tuple[str, ...] = ("input_ids", "attention_mask")
+    """The batch columns that run along the text (cut together under ``data.text_padding=longest``)."""
+
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.options = parse_options(self.spec.name, cfg.task.options, self.defaults)
+        if cfg.data.text_padding == "longest" and self.collate_fn is default_collate:
+            self.collate_fn = TextCollate(self.text_keys)
         if self.spec.datasets and self.options.get("dataset") not in self.spec.datasets:
             raise ValueError(f"task.options.dataset must be one of {sorted(self.spec.datasets)}, "
                              f"got {self.options.get('dataset')!r}")
@@ -227,9 +265,16 @@ class IndexTask(ABC):
         return {}
 
     def dataset(self, cfg: RunConfig, names: str | Sequence[str], train: bool) -> Dataset:
-        return self.raw_dataset(index_files(cfg.data.root, names), transform=self.processor(cfg, train),
+        """The raw dataset of ``names`` with the task's processor. A deterministic image transform
+        moves into the dataset's image cache, which then keeps each image's pixels: decoded and
+        resized once per run instead of once per epoch, with the same tensors."""
+        processor, pixels = self.processor(cfg, train), None
+        if isinstance(processor, SampleProcessor) and is_deterministic(processor.image) and cfg.data.image_cache_mb > 0:
+            pixels, processor = processor.image, copy.copy(processor)
+            processor.image = None
+        return self.raw_dataset(index_files(cfg.data.root, names), transform=processor,
                                 image_cache_mb=cfg.data.image_cache_mb, image_max_side=cfg.data.image_max_side,
-                                **self.dataset_args())
+                                pixels=pixels, **self.dataset_args())
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
         return self.dataset(cfg, self.train_index(), True), self.dataset(cfg, self.val_index(), False)

@@ -68,6 +68,10 @@ class DataSection:
     image_max_side: int | None = None
     """Shrink images whose longer side is larger than this as they are read (aspect kept), e.g. for
     folders of multi-megapixel photos and a 224 px model; ``None`` keeps them as they are."""
+    text_padding: str = "longest"
+    """Index tasks: ``longest`` cuts each batch's text to its longest text, rounded up to a multiple
+    of 8 (no compute on padding the mask hides anyway; at most ``max_text_len / 8`` shapes for
+    ``torch.compile``); ``max_length`` keeps every batch at the task's ``max_text_len`` (one shape)."""
     strict: bool = False
     """Raise on a bad training sample (naming its shard and key) instead of skipping and counting it
     (tasks that stream data, e.g. pretraining)."""
@@ -220,6 +224,8 @@ class RunConfig:
             problems.append("data.image_cache_mb must be >= 0 (0 turns the decoded-image cache off)")
         if self.data.image_max_side is not None and self.data.image_max_side < 1:
             problems.append("data.image_max_side must be a positive number of pixels (or null)")
+        if self.data.text_padding not in ("longest", "max_length"):
+            problems.append(f"data.text_padding must be longest or max_length, not {self.data.text_padding!r}")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.warmup_lr < 0:
             problems.append("optim.lr must be positive and optim.min_lr / optim.warmup_lr non-negative")
         if not 0 < self.optim.layer_decay <= 1:
