@@ -120,3 +120,64 @@ def test_itc_tuning_starts_from_an_mdm_export_and_feeds_retrieval(synthetic, tmp
     mdm = load_file(str(source / "model.safetensors"))
     assert set(tuned) == set(Beit3ForImageTextRetrieval(Beit3Config.from_preset("tiny")).state_dict())
     assert not torch.equal(tuned["beit3.text_embed.weight"], mdm["beit3.text_embed.weight"])
+
+
+STAGES = ("task.options.stages=[{name: vision, steps: 2, sources: [images]}, "
+          "{name: language, steps: 2, sources: [texts, pairs], freeze: [vision, shared]}, {name: joint, steps: 2}]")
+
+
+def _staged(synthetic, out, *extra):
+    return ["pretrain", "--recipe", str(CONFIGS / "pretrain_tiny.yaml"), "--output-dir", str(out),
+            f"data.root={synthetic}", "task.options.visual_tokenizer=vqkd", "task.options.tokenizer=null",
+            "task.options.text_vocab_size=64", "task.options.val_size=8", "data.batch_size=8", STAGES,
+            "schedule.max_steps=6", "schedule.warmup_steps=1", "train.eval_every=6", "train.checkpoint_every=2",
+            "train.keep_last=5", "train.log_every=1", *extra]
+
+
+def test_stage_wise_pretraining_trains_each_stage_s_sources_and_experts_and_resumes(synthetic, tmp_path):
+    """Stages as VLMo's: images only; then texts (and pairs here, so that the frozen vision side does
+    get gradients) with the vision experts and the shared weights frozen; then everything. Resumed
+    from the checkpoint at the stage boundary the run continues exactly."""
+    from beit3.cli import main
+    from beit3.pretraining.task import parameter_group
+
+    out = tmp_path / "run"
+    assert main(_staged(synthetic, out)) == 0
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in train if row["split"] == "train"]
+    assert [row["stage"] for row in train] == [1, 1, 2, 2, 3, 3]
+    streams = [{k[:-5] for k in row if k.endswith("_loss") and k != "loss"} for row in train]
+    assert streams[:4] == [{"image_mim"}] * 2 + [{"text_mlm", "pair_mlm", "pair_mim"}] * 2
+    assert streams[4] == {"image_mim", "text_mlm", "pair_mlm", "pair_mim"}
+
+    weights = {step: load_file(str(out / f"checkpoints/step_{step:08d}/model.safetensors")) for step in (2, 4, 6)}
+    groups = {name: parameter_group(name) for name in weights[2]}
+    assert {"vision", "language"} == set(groups.values())  # the tiny preset is decoupled: nothing is shared
+    for name, group in groups.items():
+        stage2_moved = not torch.equal(weights[2][name], weights[4][name])
+        if group in ("vision", "shared"):
+            assert not stage2_moved, name  # frozen in stage 2 (no update, no weight decay)
+        elif name.startswith(("beit3.text_embed", "mlm_head")) or ".text." in name:
+            assert stage2_moved, name  # the language side learns from the texts
+    moved = [name for name in groups if groups[name] == "vision" and not torch.equal(weights[4][name], weights[6][name])]
+    assert moved and "mim_head.weight" in moved  # stage 3 trains the vision side again
+
+    # resumed from the step-2 checkpoint (end of stage 1): steps 3-6 as in the uninterrupted run
+    resumed = tmp_path / "resumed"
+    assert main(_staged(synthetic, resumed, f"train.resume={out / 'checkpoints/step_00000002'}")) == 0
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    again = [row for row in again if row["split"] == "train"]
+    assert [row["step"] for row in again] == [3, 4, 5, 6]
+    assert [row["loss"] for row in again] == [row["loss"] for row in train[2:]]
+    final = load_file(str(resumed / "final/model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in load_file(str(out / "final/model.safetensors")).items())
+
+
+def test_stages_are_checked_against_the_schedule_and_their_names(synthetic, tmp_path, capsys):
+    from beit3.cli import main
+
+    for extra, message in (("schedule.max_steps=5", "set schedule.max_steps=6"),
+                           ("task.options.stages=[{steps: 6, freeze: [attention]}]", "stages[0].freeze: unknown group"),
+                           ("task.options.stages=[{steps: 6, sources: [captions]}]", "stages[0].sources")):
+        assert main(_staged(synthetic, tmp_path / "run", extra)) == 1
+        assert message in capsys.readouterr().err

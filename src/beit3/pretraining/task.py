@@ -27,6 +27,11 @@ Relative paths are taken under ``data.root``.
   synthetic recipe turns it off because its captions say "left of").
 * ``loss_weights``: per stream, default 1 each (``text_mlm``, ``pair_mlm``, ``image_mim``, ``pair_mim``).
 * ``visual_vocab_size`` is read off the tokenizer.
+* ``stages``: stage-wise pretraining (VLMo's recipe), a list of stages run one after another, each
+  ``{name, steps, sources, freeze}``: ``sources`` the data it trains on (of ``images``, ``texts``,
+  ``pairs``; default all three), ``freeze`` the parameter groups it keeps as they are (of
+  ``vision``, ``language``, ``vl``, ``shared``; see :func:`parameter_group`). ``schedule.max_steps``
+  must be the sum of the steps. See :class:`Stage` and docs/pretraining.md.
 
 Validation reports each stream's loss and accuracy, its targets' unigram entropy
 (``<stream>_unigram_entropy``: the loss of a model that only knows the targets' frequencies; a
@@ -37,6 +42,7 @@ the text predictions use the image.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +71,61 @@ EVAL_STREAMS = (*STREAMS, "pair_mlm_shuffled")
 _MASKING_KEYS = {f.name for f in dataclasses.fields(MaskingOptions)}
 _KNOWN = _MASKING_KEYS | {"visual_tokenizer", "tokenizer", "text_vocab_size", "vocab_size", "images", "pairs", "texts",
                           "val_size", "crop_scale", "color_jitter", "horizontal_flip", "loss_weights",
-                          "streaming", "shuffle_buffer"}
+                          "streaming", "shuffle_buffer", "stages"}
+STREAM_SOURCE = {"text_mlm": "texts", "pair_mlm": "pairs", "image_mim": "images", "pair_mim": "pairs"}
+_BATCH_PREFIX = {"images": "image_", "texts": "text_", "pairs": "pair_"}
+PARAMETER_GROUPS = ("vision", "language", "vl", "shared")
+
+
+def parameter_group(name: str) -> str:
+    """The group of a pretraining model's parameter, for ``freeze``: ``vision`` (what only images use:
+    the vision experts and norms, the decoupled layout's vision attention, the patch embedding and
+    the MIM head), ``language`` (the same for text: language experts, text attention when
+    decoupled, the text embedding, the MLM head), ``vl`` (the vision-language experts of the top
+    layers) or ``shared`` (the rest: the shared layout's self-attention)."""
+    parts = name.split(".")
+    if "vl" in parts:
+        return "vl"
+    if "vision" in parts or parts[-1] == "vision_pos_embed" or "vision_embed" in parts or parts[0] == "mim_head":
+        return "vision"
+    if "text" in parts or parts[-1] in ("text_embed", "text_pos_embed") or "text_embed" in parts or parts[0] == "mlm_head":
+        return "language"
+    return "shared"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of stage-wise pretraining: ``steps`` optimiser steps on ``sources``, with the
+    parameter groups in ``freeze`` left as they are (no gradient, no update, no weight decay)."""
+
+    name: str
+    steps: int
+    sources: tuple[str, ...] = ("images", "texts", "pairs")
+    freeze: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, index: int, raw: Any) -> "Stage":
+        where = f"task.options.stages[{index}]"
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where} must be a mapping with steps, sources and freeze, not {raw!r}")
+        unknown = sorted(set(raw) - {"name", "steps", "sources", "freeze"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known: name, steps, sources, freeze")
+        steps = raw.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"{where}.steps must be a positive number of steps, not {steps!r}")
+        sources = tuple(raw.get("sources") or SOURCE_FIELDS)
+        bad = sorted(set(sources) - set(SOURCE_FIELDS))
+        if bad or len(set(sources)) != len(sources):
+            raise ValueError(f"{where}.sources: {sources}; each of {list(SOURCE_FIELDS)} at most once")
+        freeze = frozenset(raw.get("freeze") or ())
+        bad = sorted(freeze - set(PARAMETER_GROUPS))
+        if bad:
+            raise ValueError(f"{where}.freeze: unknown group(s) {bad}; groups are {list(PARAMETER_GROUPS)}")
+        return cls(name=str(raw.get("name") or f"stage{index + 1}"), steps=steps, sources=sources, freeze=freeze)
+
+    def frozen(self, name: str) -> bool:
+        return parameter_group(name) in self.freeze
 
 
 @register_task
@@ -97,6 +157,12 @@ class MaskedDataModelingTask:
                 raise ValueError(f"loss_weights: unknown stream {name!r}; streams are {list(STREAMS)}")
             weights[name] = float(value)
         self.loss_weights = weights
+        self.stages = tuple(Stage.parse(i, raw) for i, raw in enumerate(options.get("stages") or ()))
+        if self.stages:
+            total = sum(stage.steps for stage in self.stages)
+            if cfg.schedule.max_steps != total:
+                raise ValueError(f"task.options.stages take {total} steps in all: set schedule.max_steps={total} "
+                                 f"(it is {cfg.schedule.max_steps})")
         self.root = Path(cfg.data.root) if cfg.data.root else None
         self.cfg = cfg
         self._tokenizers: tuple[Any, VQKD] | None = None
@@ -107,6 +173,12 @@ class MaskedDataModelingTask:
         """Load the visual tokenizer and get the text tokenizer: trained on the corpus when none is
         given. The engine runs this on the main process first, then on the others, which load the
         tokenizer the main one saved instead of training it again."""
+        if (dist is not None and dist.world_size > 1 and cfg.parallel.strategy == "ddp"
+                and not cfg.parallel.find_unused_parameters
+                and any(len(stage.sources) < len(SOURCE_FIELDS) for stage in self.stages)):
+            raise ValueError("a stage that trains on some sources leaves the others' parameters without a "
+                             "gradient, which DDP waits for: set parallel.find_unused_parameters=true "
+                             "(or use parallel.strategy=fsdp)")
         visual = VQKD.from_pretrained(self._path(self.options["visual_tokenizer"])).freeze()
         main = dist is None or dist.is_main
         self._tokenizers = (self._text_tokenizer(cfg, main), visual)
@@ -234,14 +306,42 @@ class MaskedDataModelingTask:
         return train_set, val_set
 
     # ------------------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------------------ stages
+    def stage_index(self, step: int) -> int | None:
+        """The position in ``stages`` of the stage optimiser step ``step`` (0-based) belongs to."""
+        if not self.stages:
+            return None
+        ends = itertools.accumulate(stage.steps for stage in self.stages)
+        return next((i for i, end in enumerate(ends) if step < end), len(self.stages) - 1)
+
+    def stage(self, step: int) -> Stage | None:
+        """The stage optimiser step ``step`` belongs to; None without stages."""
+        index = self.stage_index(step)
+        return None if index is None else self.stages[index]
+
+    def frozen(self, step: int) -> Any:
+        """The engine's hook: a predicate over parameter names whose gradients it drops before
+        optimiser step ``step`` (the stage's ``freeze``), or None when nothing is frozen."""
+        stage = self.stage(step)
+        return stage.frozen if stage is not None and stage.freeze else None
+
+    def _stage_batch(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """The batch with the sources the stage does not train on left out (not run at all)."""
+        stage = self.stage(step)
+        if stage is None:
+            return batch
+        dropped = tuple(_BATCH_PREFIX[name] for name in SOURCE_FIELDS if name not in stage.sources)
+        return {k: v for k, v in batch.items() if not k.startswith(dropped)} if dropped else batch
+
     def _inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tokenizer = self.visual_tokenizer
-        device = batch["image_pixel_values"].device
+        inputs = {k: v for k, v in batch.items() if k not in ("is_padding", SKIPS_KEY)}
+        device = next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
         if next(tokenizer.parameters()).device != device:
             tokenizer.to(device)
-        inputs = {k: v for k, v in batch.items() if k not in ("is_padding", SKIPS_KEY)}
         with torch.no_grad():
-            inputs["image_labels"] = tokenizer.get_codebook_indices(batch["image_pixel_values"].float())
+            if "image_pixel_values" in batch:
+                inputs["image_labels"] = tokenizer.get_codebook_indices(batch["image_pixel_values"].float())
             if "pair_image_mask" in batch:
                 inputs["pair_image_labels"] = tokenizer.get_codebook_indices(batch["pair_pixel_values"].float())
         return inputs
@@ -270,11 +370,13 @@ class MaskedDataModelingTask:
 
     def train_step(self, model: nn.Module, batch: dict[str, Any], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         self._count_skips(batch)  # counted as the batch is consumed, so prefetching never counts twice
-        out = model(**self._inputs(batch))
+        out = model(**self._inputs(self._stage_batch(batch, step)))
         logs = {}
         for name, result in out.streams().items():
             logs[f"{name}_loss"] = float(result.loss.detach())
             logs[f"{name}_acc"] = float(result.accuracy)
+        if self.stages:
+            logs["stage"] = float(self.stage_index(step) + 1)
         return self._weighted_loss(out), logs
 
     @torch.no_grad()

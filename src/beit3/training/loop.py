@@ -263,6 +263,7 @@ class Trainer:
         self.ema = WeightEma(self.raw_model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
         self.step = 0
+        self._frozen: tuple[Any, list[torch.nn.Parameter]] = (None, [])  # see _drop_frozen_grads
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.best: dict[str, Any] | None = None
@@ -594,6 +595,7 @@ class Trainer:
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
+        self._drop_frozen_grads()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -609,6 +611,19 @@ class Trainer:
         if self.scaler.is_enabled():
             out["loss_scale"] = float(self.scaler.get_scale())
         return out
+
+    def _drop_frozen_grads(self) -> None:
+        """Parameters the task freezes at this step (optional ``task.frozen(step)``: a predicate over
+        parameter names, e.g. a pretraining stage's) lose their gradients before the update, so AdamW
+        leaves them, their moments and their weight decay alone. Found once per predicate."""
+        frozen = getattr(self.task, "frozen", None)
+        predicate = frozen(self.step) if frozen is not None else None
+        if predicate is None:
+            return
+        if predicate != self._frozen[0]:
+            self._frozen = (predicate, [p for n, p in self.raw_model.named_parameters() if predicate(n)])
+        for param in self._frozen[1]:
+            param.grad = None
 
     def _skipped_everywhere(self) -> dict[str, dict[str, int]] | None:
         """Bad samples skipped by all processes, source -> shard -> count, for tasks that count them

@@ -55,8 +55,10 @@ class TrainTask(Protocol):
     The model handed to ``train_step`` and ``eval_step`` may be wrapped (DDP) or sharded (FSDP2);
     call it, do not reach into its attributes. Optional methods the engine calls when present:
     ``setup(cfg, dist)`` (heavy set-up after the process group exists, see
-    :meth:`beit3.training.loop.Trainer._setup`) and ``num_tokens(batch)`` (the engine counts
-    patches and text tokens otherwise).
+    :meth:`beit3.training.loop.Trainer._setup`), ``num_tokens(batch)`` (the engine counts
+    patches and text tokens otherwise) and ``frozen(step)`` (a predicate over the unwrapped model's
+    parameter names, or None: those parameters' gradients are dropped before that optimiser step,
+    as stage-wise pretraining freezes some experts).
     """
 
     spec: TaskSpec
