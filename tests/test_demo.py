@@ -28,6 +28,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     table = (report / "results.md").read_text()
     for row in results["tasks"]:
         assert f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} |" in table
+    # linear probes of the frozen backbone: pretrained and random init, each in the table
+    assert [row["name"] for row in results["probes"]] == ["classification_image", "vqav2_text", "vqav2_pair"]
+    for row in results["probes"]:
+        assert 0 <= row["pretrained"] <= 100 and 0 <= row["scratch"] <= 100
+        assert f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} |" in table
     for name in ("loss_curves.png", "captioning.png", "vqa.png", "retrieval.png"):
         with Image.open(report / name) as image:
             assert image.width > 200 and image.height > 200, name
@@ -39,7 +44,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     # a second run finds every stage done and only rewrites the report
     (report / "results.md").unlink()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("already done") == 14
+    assert capsys.readouterr().out.count("already done") == 15
     assert (report / "results.md").read_text() == table
 
     # a stage killed before its checkpoint: the rerun redoes it (train.resume=auto finds no checkpoint)
@@ -49,7 +54,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     shutil.rmtree(run / "checkpoints")
     (run / "summary.json").unlink()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("already done") == 13
+    assert capsys.readouterr().out.count("already done") == 14
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == results["tasks"][0]["steps"]
@@ -117,3 +122,36 @@ def test_charts_draw_every_series(tmp_path):
                                       (Image.new("RGB", (8, 8), (0, 0, 255)), False)])], image_size=32)
     colours = set(grid.getdata())
     assert (255, 0, 0) in colours and (0, 0, 255) in colours and (30, 150, 60) in colours
+
+
+def test_seeds_are_reported_as_mean_gain_and_spread(tmp_path):
+    """`beit3 demo --seeds 3`: every seed's runs are read, the table shows mean, spread and each gain."""
+    from beit3.demo.pipeline import DemoPlan, FinetuneSpec, collect_results, run_name
+    from beit3.demo.report_writer import results_markdown
+
+    index = tmp_path / "data" / "index"
+    index.mkdir(parents=True)
+    for split in ("train", "val"):
+        (index / f"imagenet.{split}.index.jsonl").write_text(json.dumps({"label": 0}) + "\n")
+    plan = DemoPlan(world="small", text_pieces=10, vqkd_steps=1, pretrain_steps=1, probes=(),
+                    finetunes=(FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", 10),))
+
+    def write_run(name: str, **metrics: float) -> None:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text(json.dumps({"split": "val", "step": 10, **metrics}) + "\n")
+
+    write_run("pretrain", text_mlm_loss=1.0)
+    for k, (pretrained, scratch) in enumerate([(30.0, 20.0), (28.0, 22.0), (35.0, 21.0)]):
+        write_run(run_name("classification", "pretrained", k), acc1=pretrained)
+        write_run(run_name("classification", "scratch", k), acc1=scratch)
+    assert run_name("classification", "scratch", 0) == "classification_scratch"
+    assert run_name("classification", "scratch", 2) == "classification_scratch_seed2"
+    results = collect_results(tmp_path, plan, seeds=3)
+    row = results["tasks"][0]
+    assert row["pretrained"] == 31.0 and row["scratch"] == 21.0 and row["gain_per_seed"] == [10.0, 6.0, 14.0]
+    assert math.isclose(row["gain_spread"], 4.0)
+    assert "| classification (top-1 %) | 31.00 | 21.00 | +10.00 | 4.00 | +10.00 / +6.00 / +14.00 |" in results_markdown(results)
+    # one seed reads only the seed's own runs and keeps the one-seed table
+    one = collect_results(tmp_path, plan)
+    assert one["tasks"][0]["pretrained"] == 30.0 and one["tasks"][0]["gain_spread"] == 0.0
+    assert "| classification (top-1 %) | 30.00 | 20.00 | +10.00 | 100.00 (most frequent class) |" in results_markdown(one)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("beit3.tasks.search_commands", "index folders of images with a retrieval model and search them by text or image"),
     "export": ("beit3.export", "export a model folder to ONNX / torch.export graphs that onnxruntime can run"),
     "evaluate": ("beit3.tasks.commands", "score a fine-tuned checkpoint on a split (JSON + table)"),
+    "probe": ("beit3.tasks.probe", "linear probe on a frozen backbone: what pretraining learned, without fine-tuning"),
     "serve": ("beit3.serve", "serve models and an image index over HTTP: JSON API, batching, a web page"),
 }
 """Each command: the module whose ``register(subparsers)`` adds it, and its one-line summary.

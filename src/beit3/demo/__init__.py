@@ -17,6 +17,8 @@ examples:
   beit3 demo --quick --out runs/demo_quick
   # keep going after an interruption: finished stages are skipped
   beit3 demo --out runs/demo
+  # three fine-tuning seeds per task and start: mean gains and their spread (reuses a finished demo's runs)
+  beit3 demo --seeds 3 --out runs/demo
   # on a machine shared with other jobs: one CPU thread per run is many times faster there
   beit3 demo --threads 1
 
@@ -44,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller world and short schedules: a smoke run")
     parser.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="fine-tune every task from each start with this many seeds (--seed, --seed + 1, ...) on "
+                             "the same world and pretrained model, and report each gain's mean and spread "
+                             "(default: %(default)s; 3 takes about three times the fine-tuning time)")
     parser.add_argument("--threads", type=int, help="CPU threads per training run (train.threads; default: PyTorch's, "
                         "one per core; 1 is much faster on a machine shared with other jobs)")
     parser.set_defaults(func=_run)
@@ -55,5 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = DemoPlan.quick() if args.quick else DemoPlan.full()
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    run_demo(args.out, plan, seed=args.seed, fresh=args.fresh, threads=args.threads)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    run_demo(args.out, plan, seed=args.seed, fresh=args.fresh, threads=args.threads, seeds=args.seeds)
     return 0

@@ -41,6 +41,28 @@ class FinetuneSpec:
 
 
 @dataclass(frozen=True)
+class ProbeSpec:
+    """One linear probe of the frozen backbone (``beit3 probe``), run on the pretrained weights and on
+    the random initialisation the scratch runs start from."""
+
+    task: str
+    recipe: str
+    features: str
+    title: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}_{self.features}"
+
+
+PROBES = (
+    ProbeSpec("classification", "tiny_imagenet.yaml", "image", "image -> class (top-1 %)"),
+    ProbeSpec("vqav2", "tiny_vqav2.yaml", "text", "question -> answer (VQA score %)"),
+    ProbeSpec("vqav2", "tiny_vqav2.yaml", "pair", "image + question -> answer (VQA score %)"),
+)
+
+
+@dataclass(frozen=True)
 class DemoPlan:
     """Sizes and schedules of every stage."""
 
@@ -51,6 +73,7 @@ class DemoPlan:
     finetunes: tuple[FinetuneSpec, ...]
     eval_every: int = 0
     pretrain_overrides: tuple[str, ...] = field(default_factory=tuple)
+    probes: tuple[ProbeSpec, ...] = PROBES
 
     @classmethod
     def full(cls) -> "DemoPlan":
@@ -115,9 +138,20 @@ def configs_dir() -> Path:
                             "a checkout of the beit3 repository (the recipes are not part of the wheel)")
 
 
+def run_name(task: str, start: str, repeat: int = 0) -> str:
+    """The run folder of one fine-tuning: ``<task>_<start>``, and ``<task>_<start>_seed<k>`` for the
+    k-th extra fine-tuning seed (so a one-seed demo's folders are those of a many-seed one)."""
+    return f"{task}_{start}" + (f"_seed{repeat}" if repeat else "")
+
+
 def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = False,
-             threads: int | None = None) -> dict[str, Any]:
-    """Run every stage into ``out`` and write ``out/report``; returns the results."""
+             threads: int | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Run every stage into ``out`` and write ``out/report``; returns the results.
+
+    ``seeds``: fine-tune each task from each start with this many seeds (``seed``, ``seed + 1``, ...),
+    on the same world and the same pretrained model, and report each gain's mean and spread."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -125,7 +159,7 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
     configs = configs_dir()
     world, runs = out / "data", out / "runs"
     tokenizer, vqkd, pretrained = world / "tokenizer", world / "vqkd", runs / "pretrained"
-    stages = Stages(total=4 + 2 * len(plan.finetunes), fresh=fresh)
+    stages = Stages(total=4 + bool(plan.probes) + 2 * len(plan.finetunes) * seeds, fresh=fresh)
     # train.resume=auto: a stage killed half-way continues from its newest checkpoint (or starts over when
     # it had none) instead of being refused for the run folder it left behind
     common = [f"train.seed={seed}", "train.progress_bar=true", "train.resume=auto",
@@ -154,20 +188,37 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
     stages.run(f"pretraining a tiny BEiT-3 by masked data modeling ({plan.pretrain_steps} steps)",
                pretrained / "config.json", pretrain)
 
-    for spec in plan.finetunes:
-        for start in ("pretrained", "scratch"):
-            run = runs / f"{spec.task}_{start}"
-            args = ["finetune", "--recipe", configs / spec.recipe, f"data.root={world / 'index'}",
-                    f"train.output_dir={run}", f"task.options.tokenizer={tokenizer}",
-                    f"schedule.max_steps={spec.steps}", "schedule.warmup_steps=" + str(max(spec.steps // 10, 1)),
-                    f"train.eval_every={spec.steps}", f"train.checkpoint_every={spec.steps}",
-                    *common, *spec.overrides]
-            if start == "pretrained":
-                args.append(f"model.pretrained={pretrained}")
-            stages.run(f"fine-tuning {spec.task} from {'the pretrained model' if start == 'pretrained' else 'scratch'} "
-                       f"({spec.steps} steps)", run / "final" / "config.json", lambda a=args: _call(*a))
+    def probes() -> None:
+        for probe in plan.probes:
+            for start in ("pretrained", "scratch"):
+                _call("probe", "--recipe", configs / probe.recipe, "--features", probe.features,
+                      "--output", runs / "probes" / f"{probe.name}_{start}.json", f"data.root={world / 'index'}",
+                      f"task.options.tokenizer={tokenizer}", f"train.seed={seed}",
+                      *([f"train.threads={threads}"] if threads is not None else []),
+                      *([f"model.pretrained={pretrained}"] if start == "pretrained" else []))
 
-    results = collect_results(out, plan)
+    if plan.probes:
+        last = plan.probes[-1]
+        stages.run(f"linear probes of the frozen backbone, pretrained and at random initialisation ({len(plan.probes)} "
+                   "probes)", runs / "probes" / f"{last.name}_scratch.json", probes)
+
+    for repeat in range(seeds):
+        for spec in plan.finetunes:
+            for start in ("pretrained", "scratch"):
+                run = runs / run_name(spec.task, start, repeat)
+                args = ["finetune", "--recipe", configs / spec.recipe, f"data.root={world / 'index'}",
+                        f"train.output_dir={run}", f"task.options.tokenizer={tokenizer}",
+                        f"schedule.max_steps={spec.steps}", "schedule.warmup_steps=" + str(max(spec.steps // 10, 1)),
+                        f"train.eval_every={spec.steps}", f"train.checkpoint_every={spec.steps}",
+                        *common, f"train.seed={seed + repeat}", *spec.overrides]
+                if start == "pretrained":
+                    args.append(f"model.pretrained={pretrained}")
+                origin = "the pretrained model" if start == "pretrained" else "scratch"
+                stages.run(f"fine-tuning {spec.task} from {origin} ({spec.steps} steps"
+                           + (f", seed {seed + repeat})" if seeds > 1 else ")"),
+                           run / "final" / "config.json", lambda a=args: _call(*a))
+
+    results = collect_results(out, plan, seeds)
     from beit3.demo.report_writer import write_report
 
     report = write_report(out, plan, results)
@@ -187,16 +238,35 @@ def final_metrics(run: Path) -> dict[str, float]:
     return evaluations[-1]
 
 
-def collect_results(out: Path, plan: DemoPlan) -> dict[str, Any]:
+def spread(values: list[float]) -> float:
+    """The sample standard deviation (0 for one value)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def collect_results(out: Path, plan: DemoPlan, seeds: int = 1) -> dict[str, Any]:
+    """Each task's score per start: the mean over the seeds, with every seed's value and gain."""
     world, runs = out / "data", out / "runs"
     rows = []
     for spec in plan.finetunes:
-        pretrained = final_metrics(runs / f"{spec.task}_pretrained")[spec.metric]
-        scratch = final_metrics(runs / f"{spec.task}_scratch")[spec.metric]
-        rows.append({"task": spec.task, "title": spec.title, "metric": spec.metric, "pretrained": pretrained,
-                     "scratch": scratch, "baseline": baseline(spec.task, world / "index"), "steps": spec.steps})
+        scores = {start: [final_metrics(runs / run_name(spec.task, start, k))[spec.metric] for k in range(seeds)]
+                  for start in ("pretrained", "scratch")}
+        gains = [p - s for p, s in zip(scores["pretrained"], scores["scratch"])]
+        rows.append({"task": spec.task, "title": spec.title, "metric": spec.metric,
+                     "pretrained": sum(scores["pretrained"]) / seeds, "scratch": sum(scores["scratch"]) / seeds,
+                     "pretrained_per_seed": scores["pretrained"], "scratch_per_seed": scores["scratch"],
+                     "gain_per_seed": gains, "gain_spread": spread(gains),
+                     "baseline": baseline(spec.task, world / "index"), "steps": spec.steps})
+    probes = []
+    for probe in plan.probes:
+        scores = {start: json.loads((runs / "probes" / f"{probe.name}_{start}.json").read_text())
+                  for start in ("pretrained", "scratch")}
+        probes.append({"name": probe.name, "title": probe.title, "task": probe.task, "features": probe.features,
+                       "pretrained": scores["pretrained"]["score"], "scratch": scores["scratch"]["score"]})
     pretraining = final_metrics(runs / "pretrain")
-    return {"plan": asdict(plan), "tasks": rows,
+    return {"plan": asdict(plan), "seeds": seeds, "tasks": rows, "probes": probes,
             "pretraining": {k: v for k, v in pretraining.items() if isinstance(v, (int, float))}}
 
 
@@ -210,11 +280,20 @@ def baseline(task: str, index: Path) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print("\nBEiT-3 tiny on the synthetic world: pretrained vs from scratch (same fine-tuning budget)")
-    print(f"{'task':<32}{'pretrained':>12}{'scratch':>10}{'gain':>9}   baseline")
+    seeds = results.get("seeds", 1)
+    print("\nBEiT-3 tiny on the synthetic world: pretrained vs from scratch (same fine-tuning budget"
+          + (f", mean of {seeds} fine-tuning seeds; spread: standard deviation of the gain)" if seeds > 1 else ")"))
+    print(f"{'task':<32}{'pretrained':>12}{'scratch':>10}{'gain':>9}" + (f"{'spread':>8}" if seeds > 1 else "")
+          + "   baseline")
     for row in results["tasks"]:
         base = row["baseline"]
         base_text = "" if math.isnan(base["value"]) else f"{base['value']:.2f} ({base['name']})"
         print(f"{row['title']:<32}{row['pretrained']:>12.2f}{row['scratch']:>10.2f}"
-              f"{row['pretrained'] - row['scratch']:>+9.2f}   {base_text}")
+              f"{row['pretrained'] - row['scratch']:>+9.2f}" + (f"{row['gain_spread']:>8.2f}" if seeds > 1 else "")
+              + f"   {base_text}")
+    if results.get("probes"):
+        print("\nLinear probes of the frozen backbone: pretrained vs its random initialisation")
+        for row in results["probes"]:
+            print(f"{row['title']:<42}{row['pretrained']:>12.2f}{row['scratch']:>10.2f}"
+                  f"{row['pretrained'] - row['scratch']:>+9.2f}")
     sys.stdout.flush()

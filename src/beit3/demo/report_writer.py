@@ -49,15 +49,37 @@ def write_report(out: Path, plan: DemoPlan, results: dict[str, Any]) -> Path:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
+    seeds = results.get("seeds", 1)
     lines = ["# BEiT-3 demo: pretrained vs from scratch on the synthetic world", "",
              "Each task is fine-tuned with the same recipe and number of steps twice: once from the "
-             "masked-data-modeling checkpoint, once from random weights. Validation scores at the end.", "",
-             "| task | pretrained | scratch | gain | baseline without the image |", "|---|---|---|---|---|"]
+             "masked-data-modeling checkpoint, once from random weights. Validation scores at the end."]
+    if seeds == 1:
+        lines += ["", "| task | pretrained | scratch | gain | baseline without the image |", "|---|---|---|---|---|"]
+    else:
+        lines += [f"Each pair of runs is repeated with {seeds} fine-tuning seeds (same world, same pretrained "
+                  "model): the scores are means, the spread is the standard deviation of the seeds' gains.", "",
+                  "| task | pretrained | scratch | gain | spread | gain per seed | baseline without the image |",
+                  "|---|---|---|---|---|---|---|"]
     for row in results["tasks"]:
         base = row["baseline"]
         base_text = "–" if math.isnan(base["value"]) else f"{base['value']:.2f} ({base['name']})"
-        lines.append(f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} | "
-                     f"{row['pretrained'] - row['scratch']:+.2f} | {base_text} |")
+        gain = row["pretrained"] - row["scratch"]
+        if seeds == 1:
+            lines.append(f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} | {gain:+.2f} | {base_text} |")
+        else:
+            per_seed = " / ".join(f"{g:+.2f}" for g in row["gain_per_seed"])
+            lines.append(f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} | {gain:+.2f} | "
+                         f"{row['gain_spread']:.2f} | {per_seed} | {base_text} |")
+    if results.get("probes"):
+        lines += ["", "## Linear probes of the frozen backbone", "",
+                  "A ridge regression on the pooled final states of the frozen backbone (`beit3 probe`), "
+                  "fitted on the task's training split and scored on its validation split: the pretrained "
+                  "weights against the random initialisation the scratch runs start from. Deterministic, "
+                  "so a difference is the weights', not a seed's.", "",
+                  "| probe | pretrained | random init | gain |", "|---|---|---|---|"]
+        for row in results["probes"]:
+            lines.append(f"| {row['title']} | {row['pretrained']:.2f} | {row['scratch']:.2f} | "
+                         f"{row['pretrained'] - row['scratch']:+.2f} |")
     pre = results["pretraining"]
     lines += ["", "## Pretraining (held-out, nats)", "", "| stream | loss | unigram entropy of the targets |",
               "|---|---|---|"]
