@@ -11,7 +11,7 @@ import argparse
 
 EXAMPLES = """\
 examples:
-  # the whole run (about 12 minutes on 2 CPU cores): data, tokenizers, pretraining, 10 fine-tunings
+  # the whole run (10-17 minutes on 2 CPU cores): data, tokenizers, pretraining, probes, 10 fine-tunings
   beit3 demo
   # a smoke run of every stage in about 2 minutes
   beit3 demo --quick --out runs/demo_quick

@@ -56,7 +56,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     if seeds == 1:
         lines += ["", "| task | pretrained | scratch | gain | baseline without the image |", "|---|---|---|---|---|"]
     else:
-        lines += [f"Each pair of runs is repeated with {seeds} fine-tuning seeds (same world, same pretrained "
+        lines += ["", f"Each pair of runs is repeated with {seeds} fine-tuning seeds (same world, same pretrained "
                   "model): the scores are means, the spread is the standard deviation of the seeds' gains.", "",
                   "| task | pretrained | scratch | gain | spread | gain per seed | baseline without the image |",
                   "|---|---|---|---|---|---|---|"]
