@@ -62,6 +62,9 @@ class TaskSpec:
     baseline: Callable[..., dict[str, Any]] | None = None
     """``baseline(spec, index_root) -> {"name", "value"}``: what a model that ignores the image
     scores on the eval split, computed from the index files (the demo prints it beside the task)."""
+    probe_features: tuple[str, ...] = ()
+    """What ``beit3 probe`` can pass through a frozen backbone for this task's labels (``image``,
+    ``text``, ``pair``); the first is the default. Empty: the task has no linear probe."""
     evaluate_hook: Callable[..., dict[str, Any]] | None = None
     """``hook(task, stats, context) -> extra`` after ``beit3 evaluate`` (submission files,
     predictions to save, optional toolkits); see :mod:`beit3.tasks.commands`."""

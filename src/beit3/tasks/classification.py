@@ -70,7 +70,7 @@ class ImageClassificationTask(IndexTask):
         description="image classification (ImageNet-1k, class folders): top-1/top-5",
         model_class=Beit3ForImageClassification, head_keys=("fc_norm.weight", "head.weight"),
         image_mode="imagenet", randaug=True, index="imagenet.{split}.index.jsonl", eval_split="val",
-        splits=("val",), baseline=partial(majority_baseline, name="most frequent class"), metric="acc1", statistics={"correct": "sum", "samples": "sum"},
+        splits=("val",), baseline=partial(majority_baseline, name="most frequent class"), probe_features=("image",), metric="acc1", statistics={"correct": "sum", "samples": "sum"},
         pipeline="beit3.pipelines:ClassificationPipeline", verb="classify",
         predict="beit3.tasks.predict:add_classify",
     )

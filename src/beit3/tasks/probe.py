@@ -33,9 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-PROBE_FEATURES: dict[str, tuple[str, ...]] = {"classification": ("image",), "vqav2": ("pair", "text")}
-"""The features each task's samples can be probed with; the first is the default."""
-
 ALPHAS = tuple(10.0 ** k for k in range(-3, 5))
 """Ridge strengths tried (on standardised features)."""
 
@@ -152,11 +149,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probe", help=summary("probe"), epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fit a linear (ridge) probe on a frozen backbone's pooled features of a task's training split "
                     "and score it on the validation split.")
-    parser.add_argument("--recipe", required=True, help="a fine-tuning recipe of a task with labels "
-                        f"({', '.join(PROBE_FEATURES)})")
+    parser.add_argument("--recipe", required=True, help="a fine-tuning recipe of a task with a probe "
+                        "(classification: image features; vqav2: pair or text features)")
     parser.add_argument("--features", choices=("image", "text", "pair"),
-                        help="what goes through the backbone (default: the task's first: "
-                             + ", ".join(f"{task} {kinds[0]}" for task, kinds in PROBE_FEATURES.items()) + ")")
+                        help="what goes through the backbone (default: the task's first, see --recipe)")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per forward pass")
     parser.add_argument("--output", help="JSON file to write the result to")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe")
@@ -175,10 +171,13 @@ def run_probe(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.output:
         ensure_writable_file(args.output, "--output file")
+    from beit3.catalogue import iter_tasks
+
     cfg = load_config(args.recipe, list(args.overrides))
-    allowed = PROBE_FEATURES.get(cfg.task.name)
-    if allowed is None:
-        raise ValueError(f"task {cfg.task.name!r} has no linear probe; probes exist for {', '.join(PROBE_FEATURES)}")
+    probed = [spec.name for spec in iter_tasks("finetune") if spec.probe_features]
+    allowed = next((spec.probe_features for spec in iter_tasks("finetune") if cfg.task.name in spec.names), ())
+    if not allowed:
+        raise ValueError(f"task {cfg.task.name!r} has no linear probe; probes exist for {', '.join(probed)}")
     features = args.features or allowed[0]
     if features not in allowed:
         raise ValueError(f"task {cfg.task.name} probes {' or '.join(allowed)} features, not {features}")

@@ -89,7 +89,7 @@ class VQATask(VisionLanguageTask):
         image_mode="vl", randaug=True, index="vqa.{split}.jsonl", train_splits=("train", "trainable_val"),
         eval_split="rest_val", splits=("rest_val", "val", "test-dev", "test"), metric="vqa_score",
         statistics={"soft_score": "sum", "questions": "sum", "predictions": "gather"},
-        baseline=question_only_prior, evaluate_hook=write_submission, pipeline="beit3.pipelines:VQAPipeline", verb="vqa",
+        baseline=question_only_prior, probe_features=("pair", "text"), evaluate_hook=write_submission, pipeline="beit3.pipelines:VQAPipeline", verb="vqa",
         predict="beit3.tasks.predict:add_vqa",
     )
     defaults = DEFAULTS
