@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-reference.txt
 demo: $(STAMP)
 	$(VENV)/bin/beit3 demo
 
-# The whole suite, the slow end-to-end learning checks included (7-13 min on 2 cores); CI runs it.
+# The whole suite, the slow end-to-end learning checks included (13-21 min on 2 cores); CI runs it.
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=8
 
