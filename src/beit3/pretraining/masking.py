@@ -1,7 +1,9 @@
 """What masked data modeling hides: block-wise image masks and BERT-style text corruption.
 
-Both functions work on a whole batch at once; the per-sample rules are BEiT's (images) and BERT's
-(text), and the tests check them against a literal per-sample implementation of those rules.
+Both take a batch; the rules are BEiT's (images) and BERT's (text), and the tests check the image
+masks against a literal per-image transcription of BEiT v2's rules. Both draw from numpy
+generators: the pretraining data seeds one per sample, so every sample's masks are the same on any
+number of processes and after a resume.
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ class BlockMaskingGenerator:
     add nothing the image gives up, and the missing cells are then masked uniformly at random, so
     every mask has exactly ``num_masking_patches`` cells (BEiT v2's top-up; BEiT v1 had none).
 
-    The batch is processed together: each try is a few numpy operations over all images still
-    placing blocks, so a batch of 2048 masks on a 16 x 16 grid takes a few tens of milliseconds
-    instead of one Python loop per image.
+    Each image is a Python loop over bit sets (a mask is an int, a block its cells' bits) with the
+    randomness of its 10 tries drawn in one call: about 25 us a mask on the tiny recipe's 4 x 4
+    grid and 0.1 s for 2,048 masks on 16 x 16. The data pipeline masks one sample at a time (its
+    draws are seeded by the sample), where the earlier version, vectorised over the images of a
+    batch, spent 0.3 ms of numpy calls on each pair of masks.
 
     input_size: grid (height, width) in patches, or one int for a square grid.
     num_masking_patches: cells to mask per image (40% of the grid for BEiT-3: 102 of 256).
@@ -73,6 +77,7 @@ class BlockMaskingGenerator:
         self.min_num_patches = int(min_num_patches)
         self.max_num_patches = self.num_masking_patches if max_num_patches is None else int(max_num_patches)
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+        self._rectangles: dict[tuple[int, int, int, int], int] = {}
 
     @classmethod
     def from_ratio(cls, input_size: int | tuple[int, int], mask_ratio: float, **kwargs) -> "BlockMaskingGenerator":
@@ -102,46 +107,52 @@ class BlockMaskingGenerator:
         """(B, H, W) bool masks and the blocks that were placed, in placement order."""
         rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
         H, W, target = self.height, self.width, self.num_masking_patches
-        mask = np.zeros((batch_size, H, W), dtype=bool)
-        count = np.zeros(batch_size, dtype=np.int64)
-        placing = np.full(batch_size, target > 0)  # images still placing blocks
-        rows = np.arange(H)[None, :, None]  # (1, H, 1)
-        cols = np.arange(W)[None, None, :]  # (1, 1, W)
+        low, (log_lo, log_hi) = float(self.min_num_patches), self.log_aspect
+        tries = self.MAX_TRIES
+        masks: list[int] = []  # one int per image, bit row * W + col set when the cell is masked
         blocks: list[Block] = []
-        while placing.any():
-            budget = np.minimum(target - count, self.max_num_patches)
-            placed = np.zeros(batch_size, dtype=bool)
-            for _ in range(self.MAX_TRIES):
-                idx = np.flatnonzero(placing & ~placed)
-                if idx.size == 0:
+        for image in range(batch_size):
+            bits = count = 0
+            while count < target:
+                budget = min(target - count, self.max_num_patches)
+                draws = rng.random(4 * tries).tolist()  # the 10 tries' (area, aspect, top, left) at once
+                for t in range(0, 4 * tries, 4):
+                    area = low + (budget - low) * draws[t]  # random.uniform(low, budget), either order
+                    aspect = math.exp(log_lo + (log_hi - log_lo) * draws[t + 1])
+                    h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))  # half to even
+                    if not (0 < h < H and 0 < w < W):
+                        continue
+                    top, left = int(draws[t + 2] * (H - h + 1)), int(draws[t + 3] * (W - w + 1))
+                    rect = self._rectangle(h, w, top, left)
+                    new = (rect & ~bits).bit_count()
+                    if 0 < new <= budget:
+                        bits |= rect
+                        count += new
+                        blocks.append(Block(image, top, left, h, w))
+                        break
+                else:  # 10 tries placed nothing: the image gives up
                     break
-                lo, hi = float(self.min_num_patches), budget[idx].astype(np.float64)
-                area = lo + (hi - lo) * rng.random(idx.size)  # random.uniform(lo, hi), either order
-                aspect = np.exp(rng.uniform(*self.log_aspect, size=idx.size))
-                h = np.round(np.sqrt(area * aspect)).astype(np.int64)  # numpy rounds half to even,
-                w = np.round(np.sqrt(area / aspect)).astype(np.int64)  # like Python's round
-                fits = (w < W) & (h < H)
-                top = np.floor(rng.random(idx.size) * (H - h + 1)).astype(np.int64)
-                left = np.floor(rng.random(idx.size) * (W - w + 1)).astype(np.int64)
-                rect = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
-                        & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))  # (n, H, W)
-                new = (rect & ~mask[idx]).sum(axis=(1, 2))
-                accept = fits & (new > 0) & (new <= budget[idx])
-                chosen = idx[accept]
-                mask[chosen] |= rect[accept]
-                count[chosen] += new[accept]
-                placed[chosen] = True
-                blocks.extend(Block(int(i), int(t), int(l), int(a), int(b))
-                              for i, t, l, a, b in zip(chosen, top[accept], left[accept], h[accept], w[accept]))
-            placing &= placed & (count < target)  # an image that placed nothing in 10 tries gives up
-        missing = target - count
+            masks.append(bits)
+        cells = H * W
+        width = (cells + 7) // 8
+        packed = np.frombuffer(b"".join(bits.to_bytes(width, "little") for bits in masks), dtype=np.uint8)
+        mask = np.unpackbits(packed.reshape(batch_size, width), axis=1, bitorder="little")[:, :cells].astype(bool)
+        missing = target - mask.sum(axis=1)
         if missing.any():
             # Top up to the exact count: mask `missing` random still-free cells of each image.
-            flat = mask.reshape(batch_size, -1)
-            keys = np.where(flat, np.inf, rng.random(flat.shape))
+            keys = np.where(mask, np.inf, rng.random(mask.shape))
             ranks = keys.argsort(axis=1).argsort(axis=1)
-            flat |= ranks < missing[:, None]
-        return mask, blocks
+            mask |= ranks < missing[:, None]
+        return mask.reshape(batch_size, H, W), blocks
+
+    def _rectangle(self, h: int, w: int, top: int, left: int) -> int:
+        """The cells of an h x w block at (top, left) as bits of an int (cached: a grid has few)."""
+        key = (h, w, top, left)
+        rect = self._rectangles.get(key)
+        if rect is None:
+            row = ((1 << w) - 1) << left
+            rect = self._rectangles[key] = sum(row << ((top + r) * self.width) for r in range(h))
+        return rect
 
 
 def mask_text_tokens(
@@ -152,7 +163,7 @@ def mask_text_tokens(
     mask_token_id: int,
     vocab_size: int,
     special_ids: Iterable[int],
-    generator: torch.Generator | None = None,
+    generator: np.random.Generator | torch.Generator | int | None = None,
     min_random_id: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT corruption for masked language modeling, over a padded batch, without a Python loop.
@@ -165,29 +176,33 @@ def mask_text_tokens(
     tokens are never picked (captioning masks EOS on purpose, so the model learns to stop).
     Rows with no maskable token are left alone.
 
+    A data-pipeline function: it computes in numpy on the CPU (the pipeline corrupts one sample at a
+    time, where torch's per-operation overhead made it 0.36 ms a caption against 0.08 ms now) and
+    returns tensors on the device of ``input_ids``. ``generator``: a numpy generator or seed (as
+    :class:`BlockMaskingGenerator` takes), or a ``torch.Generator`` that seeds one.
+
     Returns ``(corrupted_ids, labels)``: ``labels`` holds the original id at picked positions and
     -100 elsewhere (``F.cross_entropy``'s ignore index).
     """
     if not 0 < mask_prob < 1:
         raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+    if isinstance(generator, torch.Generator):
+        generator = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
     device = input_ids.device
-    maskable = attention_mask.bool().clone()
+    ids = input_ids.cpu().numpy()
+    maskable = attention_mask.cpu().numpy().astype(bool)
     for special in set(special_ids):
-        maskable &= input_ids != special
-    n = maskable.sum(dim=1)  # (B,)
-    count = torch.clamp(torch.floor(n.double() * mask_prob + 0.5).long(), min=1)
-    count = torch.minimum(count, torch.clamp(n - 1, min=1))
-    count = torch.where(n > 0, count, torch.zeros_like(count))
-    keys = torch.rand(input_ids.shape, generator=generator, device=device if generator is None else generator.device)
-    keys = keys.to(device).masked_fill(~maskable, 2.0)  # non-maskable positions sort last
-    ranks = keys.argsort(dim=1).argsort(dim=1)
-    picked = ranks < count[:, None]  # (B, T)
-
-    draw = torch.rand(input_ids.shape, generator=generator, device=keys.device).to(device)
-    random_ids = torch.randint(min_random_id, vocab_size, input_ids.shape, generator=generator,
-                               device=keys.device).to(device)
-    replacement = torch.where(draw < 0.8, torch.full_like(input_ids, mask_token_id),
-                              torch.where(draw < 0.9, input_ids, random_ids))
-    corrupted = torch.where(picked, replacement, input_ids)
-    labels = torch.where(picked, input_ids, torch.full_like(input_ids, -100))
-    return corrupted, labels
+        maskable &= ids != special
+    n = maskable.sum(axis=1)  # (B,)
+    count = np.minimum(np.maximum(np.floor(n * mask_prob + 0.5).astype(np.int64), 1), np.maximum(n - 1, 1))
+    count[n == 0] = 0
+    keys = np.where(maskable, rng.random(ids.shape), 2.0)  # non-maskable positions sort last
+    picked = keys.argsort(axis=1).argsort(axis=1) < count[:, None]  # (B, T)
+    draw = rng.random(ids.shape)
+    random_ids = rng.integers(min_random_id, vocab_size, ids.shape, dtype=ids.dtype)
+    replacement = np.where(draw < 0.8, np.asarray(mask_token_id, dtype=ids.dtype),
+                           np.where(draw < 0.9, ids, random_ids))
+    corrupted = np.where(picked, replacement, ids)
+    labels = np.where(picked, ids, np.asarray(-100, dtype=ids.dtype))
+    return torch.from_numpy(corrupted).to(device), torch.from_numpy(labels).to(device)
