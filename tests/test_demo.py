@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import yaml
 from PIL import Image
 
 from beit3.cli import main
@@ -36,6 +37,13 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     for name in ("loss_curves.png", "captioning.png", "vqa.png", "retrieval.png"):
         with Image.open(report / name) as image:
             assert image.width > 200 and image.height > 200, name
+    # the pretrained runs start from the contrastively tuned model (the MDM export, tuned on the pairs)
+    starts = {task: yaml.safe_load((out / "runs" / f"{task}_pretrained" / "run.yaml").read_text())["model"]["pretrained"]
+              for task in TASKS}
+    assert set(starts.values()) == {str(out / "runs" / "itc" / "final")}
+    itc = yaml.safe_load((out / "runs" / "itc" / "run.yaml").read_text())
+    assert itc["task"]["name"] == "itc" and itc["model"]["pretrained"] == str(out / "runs" / "pretrained")
+    assert "contrastive tuning" in table
     # pretraining really ran: the held-out text loss fell well below ln(vocabulary), where it starts
     pre = results["pretraining"]
     vocabulary = results["plan"]["text_pieces"] + 2
@@ -44,7 +52,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     # a second run finds every stage done and only rewrites the report
     (report / "results.md").unlink()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("already done") == 15
+    assert capsys.readouterr().out.count("already done") == 16
     assert (report / "results.md").read_text() == table
 
     # a stage killed before its checkpoint: the rerun redoes it (train.resume=auto finds no checkpoint)
@@ -54,7 +62,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     shutil.rmtree(run / "checkpoints")
     (run / "summary.json").unlink()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("already done") == 14
+    assert capsys.readouterr().out.count("already done") == 15
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == results["tasks"][0]["steps"]

@@ -10,7 +10,8 @@ task with ``model.pretrained`` like any checkpoint.
 
 Options: ``tokenizer`` (else the one saved with ``model.pretrained``), ``pairs`` (tar shards under
 ``data.root``, default ``pretrain/pairs/*.tar``), ``val_size`` (held-out pairs, default 64),
-``text_length`` (default 64), ``crop_scale`` (default [0.5, 1.0]).
+``text_length`` (default 64), ``crop_scale`` (default [0.5, 1.0]), ``horizontal_flip`` (default true;
+false for captions that say "left" and "right").
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from beit3.catalogue import TaskSpec, register_task
 from beit3.pretraining.data import collect_refs
 
-_KNOWN = {"tokenizer", "pairs", "val_size", "text_length", "crop_scale"}
+_KNOWN = {"tokenizer", "pairs", "val_size", "text_length", "crop_scale", "horizontal_flip"}
 
 
 class PairDataset(Dataset):
@@ -89,7 +90,8 @@ class ContrastiveTuningTask:
             raise ValueError(f"itc pairs: {len(refs)} samples, not more than val_size={val_size}")
         length = int(self.options.get("text_length", 64))
         scale = tuple(self.options.get("crop_scale", (0.5, 1.0)))
-        train_images = train_image_transform(cfg.model.image_size, mode="vl", randaug=False, crop_scale=scale)
+        train_images = train_image_transform(cfg.model.image_size, mode="vl", randaug=False, crop_scale=scale,
+                                             horizontal_flip=bool(self.options.get("horizontal_flip", True)))
         eval_images = Beit3ImageProcessor(cfg.model.image_size, "vl").preprocess
         train = PairDataset(source, refs[: len(refs) - val_size], self.tokenizer, train_images, length)
         val = PairDataset(source, refs[len(refs) - val_size:], self.tokenizer, eval_images, length) if val_size else None
