@@ -204,7 +204,7 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
     if plan.itc_steps:
         stages.run(f"contrastive tuning of the pretrained model on the pretraining pairs ({plan.itc_steps} steps)",
                    itc / "config.json",
-                   lambda: _call("pretrain", "--recipe", configs / "itc_tiny.yaml", f"data.root={world}",
+                   lambda: _call("pretrain", "--recipe", configs / "pretrain_itc_tiny.yaml", f"data.root={world}",
                                  f"model.pretrained={pretrained}", f"train.output_dir={runs / 'itc'}",
                                  f"schedule.max_steps={plan.itc_steps}", f"train.eval_every={plan.itc_steps}",
                                  f"train.checkpoint_every={plan.itc_steps}",
