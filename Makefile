@@ -24,13 +24,14 @@ $(STAMP): pyproject.toml requirements-dev.txt requirements-reference.txt
 demo: $(STAMP)
 	$(VENV)/bin/beit3 demo
 
-# The whole suite, the slow end-to-end learning checks included (13-21 min on 2 cores); CI runs it.
+# The whole suite, the slow end-to-end learning checks included; CI runs it. Two workers of one
+# thread each (tests/conftest.py): 12.7 min on 2 cores (the last CI run in one process: 19.2 min).
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=8
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=12
 
 # Everything but the tests marked slow (~2 min): for quick iteration.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from beit3.cli import main as cli
 from beit3.demo.pipeline import PROBES, configs_dir, final_metrics
-
-STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
+from beit3.pretraining.task import STREAMS
 
 
 def _call(*args: object) -> None:

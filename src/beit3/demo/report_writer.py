@@ -17,9 +17,9 @@ from beit3.catalogue import spec_for_model
 from beit3.io import atomic_write_text
 from beit3.demo.pipeline import DemoPlan
 from beit3.demo.report import BAD, GOOD, INK, SERIES_COLOURS, Series, captioned_grid, line_chart, retrieval_grid
+from beit3.pretraining.task import STREAMS
 
 EXAMPLES = 8
-STREAMS = ("text_mlm", "pair_mlm", "image_mim", "pair_mim")
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
