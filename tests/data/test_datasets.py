@@ -236,3 +236,19 @@ def test_image_max_side_shrinks_large_images_keeping_their_aspect(tmp_path):
         ImageClassificationDataset(tmp_path / "index.jsonl", image_max_side=0)
     with pytest.raises(ValueError, match="budget"):
         ImageClassificationDataset(tmp_path / "index.jsonl", image_cache_mb=-1)
+
+
+def test_the_image_cache_keeps_any_value_within_its_budget():
+    from beit3.data.datasets import ImageCache
+
+    cache, loads = ImageCache(max_bytes=10), []
+
+    def load(value):
+        loads.append(value)
+        return {"value": value}
+
+    first = cache.cached(("pairs", 0), lambda: load(0), lambda v: 6)
+    assert cache.cached(("pairs", 0), lambda: load(99), lambda v: 6) is first  # stored, not copied
+    cache.cached(("pairs", 1), lambda: load(1), lambda v: 6)  # over the budget: returned, not kept
+    cache.cached(("pairs", 1), lambda: load(1), lambda v: 6)
+    assert loads == [0, 1, 1] and (cache.hits, cache.misses, cache.used_bytes, len(cache)) == (1, 3, 6, 1)

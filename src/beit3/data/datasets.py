@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -44,6 +44,7 @@ from beit3.processing import image as processing_image
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Any]
+T = TypeVar("T")
 
 
 class BadImageError(DataError):
@@ -93,10 +94,25 @@ class ImageCache:
             raise ValueError(f"image_max_side must be a positive number of pixels, got {max_side}")
         self.max_bytes, self.max_side, self.pixels = int(max_bytes), max_side, pixels
         self.used_bytes = self.hits = self.misses = 0
-        self._images: dict[str, Image.Image | torch.Tensor] = {}
+        self._images: dict[Hashable, Any] = {}
 
     def __len__(self) -> int:
         return len(self._images)
+
+    def cached(self, key: Hashable, load: Callable[[], T], nbytes: Callable[[T], int]) -> T:
+        """Any value under ``key``: the stored one, else ``load()``, kept while ``nbytes`` of it fits
+        the budget. Returned as stored, never copied: callers treat it as read-only (the
+        pretraining dataset keeps its decoded samples here)."""
+        if key in self._images:
+            self.hits += 1
+            return self._images[key]
+        self.misses += 1
+        value = load()
+        size = nbytes(value)
+        if self.used_bytes + size <= self.max_bytes:
+            self._images[key] = value
+            self.used_bytes += size
+        return value
 
     def get(self, path: str | os.PathLike) -> Image.Image | torch.Tensor:
         key = os.fspath(path)

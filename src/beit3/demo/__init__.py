@@ -61,7 +61,5 @@ def _run(args: argparse.Namespace) -> int:
     plan = DemoPlan.quick() if args.quick else DemoPlan.full()
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     run_demo(args.out, plan, seed=args.seed, fresh=args.fresh, threads=args.threads, seeds=args.seeds)
     return 0

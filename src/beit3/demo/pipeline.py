@@ -31,9 +31,6 @@ class FinetuneSpec:
     title: str
     steps: int
     overrides: tuple[str, ...] = ()
-    after_itc: bool = False
-    """Start from the contrastively tuned model (the ITC stage) instead of the masked-data-modeling
-    one, as the release's retrieval fine-tunings start from its ``-itc`` checkpoints."""
 
     @property
     def metric(self) -> str:
@@ -79,7 +76,8 @@ class DemoPlan:
     probes: tuple[ProbeSpec, ...] = PROBES
     itc_steps: int = 0
     """Image-text contrastive tuning of the pretrained model on the pretraining pairs (``beit3 pretrain
-    --objective itc``), for the fine-tunings marked ``after_itc``; 0: none, they start from MDM."""
+    --objective itc``), which every pretrained fine-tuning and probe then starts from (the release
+    does so for retrieval only); 0: none, they start from the masked-data-modeling model."""
     itc_overrides: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -104,11 +102,11 @@ def _finetunes(scale: float) -> tuple[FinetuneSpec, ...]:
     # 72.0) -- docs/demo.md.
     return (
         FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", steps(300),
-                     ("task.options.mixup=0.0", "task.options.cutmix=0.0"), after_itc=True),
-        FinetuneSpec("vqav2", "tiny_vqav2.yaml", "VQA (VQA score %)", steps(2400), after_itc=True),
-        FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "NLVR2 (accuracy %)", steps(800), after_itc=True),
-        FinetuneSpec("retrieval", "tiny_retrieval.yaml", "retrieval (mean R@1/5/10 %)", steps(500), after_itc=True),
-        FinetuneSpec("captioning", "tiny_captioning.yaml", "captioning (CIDEr)", steps(1600), after_itc=True),
+                     ("task.options.mixup=0.0", "task.options.cutmix=0.0")),
+        FinetuneSpec("vqav2", "tiny_vqav2.yaml", "VQA (VQA score %)", steps(2400)),
+        FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "NLVR2 (accuracy %)", steps(800)),
+        FinetuneSpec("retrieval", "tiny_retrieval.yaml", "retrieval (mean R@1/5/10 %)", steps(500)),
+        FinetuneSpec("captioning", "tiny_captioning.yaml", "captioning (CIDEr)", steps(1600)),
     )
 
 
@@ -210,7 +208,6 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
                                  f"train.checkpoint_every={plan.itc_steps}",
                                  f"schedule.warmup_steps={max(plan.itc_steps // 10, 1)}", *common, *plan.itc_overrides))
 
-    starts = {spec.task: itc if spec.after_itc else pretrained for spec in plan.finetunes}
 
     def probes() -> None:
         for probe in plan.probes:  # the weights the task's fine-tuning starts from
@@ -219,7 +216,7 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
                       "--output", runs / "probes" / f"{probe.name}_{start}.json", f"data.root={world / 'index'}",
                       f"task.options.tokenizer={tokenizer}", f"train.seed={seed}",
                       *([f"train.threads={threads}"] if threads is not None else []),
-                      *([f"model.pretrained={starts.get(probe.task, pretrained)}"] if start == "pretrained" else []))
+                      *([f"model.pretrained={itc}"] if start == "pretrained" else []))
 
     if plan.probes:
         last = plan.probes[-1]
@@ -236,7 +233,7 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
                         f"train.eval_every={spec.steps}", f"train.checkpoint_every={spec.steps}",
                         *common, f"train.seed={seed + repeat}", *spec.overrides]
                 if start == "pretrained":
-                    args.append(f"model.pretrained={starts[spec.task]}")
+                    args.append(f"model.pretrained={itc}")
                 origin = "the pretrained model" if start == "pretrained" else "scratch"
                 stages.run(f"fine-tuning {spec.task} from {origin} ({spec.steps} steps"
                            + (f", seed {seed + repeat})" if seeds > 1 else ")"),

@@ -35,7 +35,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from beit3.data.datasets import DEFAULT_IMAGE_CACHE_MB, BadSampleWarning
+from beit3.data.datasets import DEFAULT_IMAGE_CACHE_MB, BadSampleWarning, ImageCache
 from beit3.data.index import DataError
 from beit3.data.streams import RefRange, ShardRefs, TarShards, load_checked
 from beit3.pretraining.masking import BlockMaskingGenerator, mask_text_tokens
@@ -191,10 +191,9 @@ class MaskedDataModelingDataset(Dataset):
         self.images, self.texts, self.pairs = images, texts, pairs
         self.samples, self.train, self.seed, self.strict = samples, samples.train, seed, strict
         self.epoch = 0
-        # Decoded samples by (source, position), up to image_cache_mb of pixels per process, as the task
-        # datasets keep theirs (beit3.data.datasets): a small set is decoded once, not every epoch.
-        self.cache_bytes, self._decoded_bytes = int(image_cache_mb * 2**20), 0
-        self._decoded: dict[tuple[str, int], dict[str, Any]] = {}
+        # Decoded samples by (source, position), up to image_cache_mb of pixels per process, in the
+        # task datasets' cache: a small set is decoded once, not every epoch.
+        self.cache = ImageCache(int(image_cache_mb * 2**20))
 
     def __len__(self) -> int:
         return max(len(self.images[1]), len(self.texts[1]), len(self.pairs[1]))
@@ -208,15 +207,8 @@ class MaskedDataModelingDataset(Dataset):
             try:
                 if ref is None:  # a damaged shard ended before the index's count
                     raise DataError(f"{refs.shard_of(position)}: sample {position} is missing (the shard is damaged)")
-                cached = self._decoded.get((name, position))
-                if cached is not None:
-                    return cached
-                sample = load_checked(loader, ref, SOURCE_FIELDS[name])
-                nbytes = sample["image"].width * sample["image"].height * 3 if "image" in sample else 0
-                if self._decoded_bytes + nbytes <= self.cache_bytes:
-                    self._decoded[(name, position)] = sample
-                    self._decoded_bytes += nbytes
-                return sample
+                return self.cache.cached((name, position), lambda: load_checked(loader, ref, SOURCE_FIELDS[name]),
+                                         _pixel_bytes)
             except DataError as err:
                 if self.strict:
                     raise DataError(f"pretraining {name}: {err} (data.strict=true)") from err
@@ -247,6 +239,11 @@ class MaskedDataModelingDataset(Dataset):
             caption_part = make.caption(pair["text"], rng)
             return {**make.image(image, masks[0]), **text_part, **make.pair_image(pair["image"], masks[1]),
                     **caption_part, SKIPS_KEY: skips}
+
+
+def _pixel_bytes(sample: dict[str, Any]) -> int:
+    image = sample.get("image")
+    return 0 if image is None else image.width * image.height * 3
 
 
 @contextlib.contextmanager
