@@ -136,3 +136,32 @@ def test_warmup_longer_than_the_run_is_capped_at_its_length(tmp_path, caplog):
         trainer._setup()
     assert trainer.schedule.warmup_steps == trainer.total_steps == 3
     assert "longer than the run" in caplog.text
+
+
+def test_train_fraction_trains_every_seed_and_rank_on_the_same_subset(tmp_path):
+    from beit3.training.distributed import TrainSampler
+
+    def seen(sampler, epochs=3):
+        out = []
+        for epoch in range(epochs):
+            sampler.set_position(epoch)
+            out.append(list(sampler))
+        return out
+
+    quarter = TrainSampler(100, 8, 0, 1, seed=0, fraction=0.25)
+    assert quarter.num_samples == 25 and quarter.batches_per_epoch == 3
+    subset = set(quarter.indices)
+    epochs = seen(quarter)
+    assert all(set(epoch) <= subset and len(set(epoch)) == 24 for epoch in epochs)
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    other_seed = seen(TrainSampler(100, 8, 0, 1, seed=7, fraction=0.25))
+    assert set(TrainSampler(100, 8, 0, 1, seed=7, fraction=0.25).indices) == subset and other_seed != epochs
+    ranks = [seen(TrainSampler(100, 8, rank, 2, seed=0, fraction=0.25), 1)[0] for rank in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(epochs[0])
+    # the engine: epochs of the subset, and a clear error when it is smaller than one batch
+    result, _ = _fit(tmp_path, "data.train_fraction=0.5", "schedule.epochs=1")
+    assert result.step == 4  # 32 of the toy task's 64 samples, batch 8 (the whole set: 8 steps an epoch)
+    with pytest.raises(ValueError, match="train_fraction"):
+        _fit(tmp_path, "data.train_fraction=0.01", name="tiny")
+    with pytest.raises(ValueError, match="train_fraction"):
+        load_config(TINY, ["data.train_fraction=0"])

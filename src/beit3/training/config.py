@@ -72,6 +72,11 @@ class DataSection:
     """Index tasks: ``longest`` cuts each batch's text to its longest text, rounded up to a multiple
     of 8 (no compute on padding the mask hides anyway; at most ``max_text_len / 8`` shapes for
     ``torch.compile``); ``max_length`` keeps every batch at the task's ``max_text_len`` (one shape)."""
+    train_fraction: float = 1.0
+    """Train on this fraction of the training samples (a data-efficiency regime: where pretraining
+    shows most): the first ``ceil(fraction x n)`` of a permutation seeded by 0, so every run (any
+    ``train.seed``, either start) sees the same ones; epochs are epochs of that subset. Map-style
+    training sets only."""
     strict: bool = False
     """Raise on a bad training sample (naming its shard and key) instead of skipping and counting it
     (tasks that stream data, e.g. pretraining)."""
@@ -220,6 +225,8 @@ class RunConfig:
             problems.append("data.batch_size must be positive")
         if self.data.micro_batch_size is not None and self.data.micro_batch_size <= 0:
             problems.append("data.micro_batch_size must be positive")
+        if not 0 < self.data.train_fraction <= 1:
+            problems.append(f"data.train_fraction must be in (0, 1], not {self.data.train_fraction}")
         if self.data.image_cache_mb < 0:
             problems.append("data.image_cache_mb must be >= 0 (0 turns the decoded-image cache off)")
         if self.data.image_max_side is not None and self.data.image_max_side < 1:

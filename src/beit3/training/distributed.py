@@ -124,6 +124,14 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
+def subset_indices(num_samples: int, fraction: float) -> list[int] | None:
+    """The training samples ``data.train_fraction`` keeps, in ascending order; None for all."""
+    if fraction >= 1:
+        return None
+    count = max(1, math.ceil(fraction * num_samples))
+    return sorted(torch.randperm(num_samples, generator=torch.Generator().manual_seed(0))[:count].tolist())
+
+
 class TrainSampler(Sampler[int]):
     """Epoch-seeded shuffle where each global batch is split into contiguous per-rank slices.
 
@@ -134,10 +142,13 @@ class TrainSampler(Sampler[int]):
     of the epoch on resume without loading them.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 fraction: float = 1.0) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
-        self.num_samples = num_samples
+        # ``fraction`` < 1: the same subset for every seed and process (a permutation seeded by 0)
+        self.indices = subset_indices(num_samples, fraction)
+        self.num_samples = num_samples if self.indices is None else len(self.indices)
         self.global_batch = global_batch
         self.rank = rank
         self.world_size = world_size
@@ -156,6 +167,8 @@ class TrainSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.indices is not None:
+            perm = [self.indices[i] for i in perm]
         per_rank = self.global_batch // self.world_size
         for batch in range(self.start_batch, self.batches_per_epoch):
             first = batch * self.global_batch + self.rank * per_rank

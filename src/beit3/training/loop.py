@@ -186,6 +186,8 @@ class Trainer:
         self.micro_batch = micro
         self.accum_steps = cfg.data.batch_size // (micro * world)
         self.streaming = isinstance(self.train_set, TrainStream)
+        if self.streaming and cfg.data.train_fraction < 1:
+            raise ValueError("data.train_fraction needs a training set with a length; these data are streamed")
         if self.streaming:  # no length: one "epoch" is the whole run
             if not cfg.schedule.max_steps:
                 raise ValueError("the training data are streamed and have no length: set schedule.max_steps")
@@ -195,10 +197,12 @@ class Trainer:
             self.sampler = None
             self.steps_per_epoch = cfg.schedule.max_steps
         else:
-            self.sampler = D.TrainSampler(len(self.train_set), cfg.data.batch_size, rank, world, cfg.train.seed)
+            self.sampler = D.TrainSampler(len(self.train_set), cfg.data.batch_size, rank, world, cfg.train.seed,
+                                          fraction=cfg.data.train_fraction)
             self.steps_per_epoch = self.sampler.batches_per_epoch
             if self.steps_per_epoch == 0:
-                raise ValueError(f"the training set ({len(self.train_set)}) is smaller than one batch "
+                raise ValueError(f"the training set ({self.sampler.num_samples} of {len(self.train_set)} with "
+                                 f"data.train_fraction={cfg.data.train_fraction}) is smaller than one batch "
                                  f"({cfg.data.batch_size})")
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
         warmup = cfg.schedule.warmup_steps
@@ -701,6 +705,8 @@ class Trainer:
         run_log = RunLogger(self.output_dir, enabled=is_main, total_steps=self.total_steps,
                             start_step=self.step, progress_bar=cfg.train.progress_bar)
         per_epoch = "streamed data" if self.streaming else f"{self.steps_per_epoch}/epoch"
+        if not self.streaming and self.sampler.indices is not None:
+            per_epoch += f" of {self.sampler.num_samples} of the {len(self.train_set)} training samples"
         run_log.message(
             f"{self.strategy} x{self.dist.world_size} on {self.dist.device.type}: {self.total_steps} steps "
             f"({per_epoch}), batch {cfg.data.batch_size} = {self.micro_batch} micro x "
