@@ -44,6 +44,12 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     itc = yaml.safe_load((out / "runs" / "itc" / "run.yaml").read_text())
     assert itc["task"]["name"] == "itc" and itc["model"]["pretrained"] == str(out / "runs" / "pretrained")
     assert "contrastive tuning" in table
+    # VQA fine-tunes on a tenth of its questions, both starts, the others on all their samples
+    fractions = {task: {start: yaml.safe_load((out / "runs" / f"{task}_{start}" / "run.yaml").read_text())["data"]
+                        ["train_fraction"] for start in ("pretrained", "scratch")} for task in TASKS}
+    assert fractions["vqav2"] == {"pretrained": 0.1, "scratch": 0.1}
+    assert all(value == {"pretrained": 1.0, "scratch": 1.0} for task, value in fractions.items() if task != "vqav2")
+    assert "fine-tune vqav2 on 10% of the training samples" in table
     # pretraining really ran: the held-out text loss fell well below ln(vocabulary), where it starts
     pre = results["pretraining"]
     vocabulary = results["plan"]["text_pieces"] + 2
@@ -163,3 +169,9 @@ def test_seeds_are_reported_as_mean_gain_and_spread(tmp_path):
     one = collect_results(tmp_path, plan)
     assert one["tasks"][0]["pretrained"] == 30.0 and one["tasks"][0]["gain_spread"] == 0.0
     assert "| classification (top-1 %) | 30.00 | 20.00 | +10.00 | 100.00 (most frequent class) |" in results_markdown(one)
+    assert "training samples" not in results_markdown(one)
+    # a task fine-tuned on a fraction of its training samples says so
+    fewer = DemoPlan(world="small", text_pieces=10, vqkd_steps=1, pretrain_steps=1, probes=(),
+                     finetunes=(FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", 10,
+                                             train_fraction=0.25),))
+    assert "fine-tune classification on 25% of the training samples" in results_markdown(collect_results(tmp_path, fewer))

@@ -53,6 +53,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = ["# BEiT-3 demo: pretrained vs from scratch on the synthetic world", "",
              "Each task is fine-tuned with the same recipe and number of steps twice: once from the "
              "masked-data-modeling checkpoint, once from random weights. Validation scores at the end."]
+    fractions = [f"{spec['task']} on {100 * spec['train_fraction']:g}%" for spec in results["plan"]["finetunes"]
+                 if spec.get("train_fraction", 1.0) < 1]
+    if fractions:
+        lines += ["", f"Both starts fine-tune {', '.join(fractions)} of the training samples (the same ones, "
+                  "`data.train_fraction`), the data-efficiency regime where pretraining shows most; the "
+                  "other tasks on all of them."]
     if results["plan"].get("itc_steps"):
         lines += ["", "The pretrained runs start from that checkpoint after "
                   f"{results['plan']['itc_steps']} steps of image-text contrastive tuning on the pretraining pairs "
