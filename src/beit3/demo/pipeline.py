@@ -107,7 +107,7 @@ def _finetunes(scale: float) -> tuple[FinetuneSpec, ...]:
         FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", steps(300),
                      ("task.options.mixup=0.0", "task.options.cutmix=0.0")),
         # VQA on a tenth of its questions: on all of them the pretrained start lost on every seed (-1.89
-        # +- 1.31), on 10% it gains +4.00 +- 3.81 (3 seeds; on 25%: +2.40 and -4.25) -- docs/demo.md
+        # +- 1.31), on 10% it gains +4.00 +- 3.80 (3 seeds; on 25%: +2.40 and -4.25) -- docs/demo.md
         FinetuneSpec("vqav2", "tiny_vqav2.yaml", "VQA (VQA score %)", steps(2400), train_fraction=0.1),
         FinetuneSpec("nlvr2", "tiny_nlvr2.yaml", "NLVR2 (accuracy %)", steps(800)),
         FinetuneSpec("retrieval", "tiny_retrieval.yaml", "retrieval (mean R@1/5/10 %)", steps(500)),
@@ -212,7 +212,6 @@ def run_demo(out: str | Path, plan: DemoPlan, *, seed: int = 0, fresh: bool = Fa
                                  f"schedule.max_steps={plan.itc_steps}", f"train.eval_every={plan.itc_steps}",
                                  f"train.checkpoint_every={plan.itc_steps}",
                                  f"schedule.warmup_steps={max(plan.itc_steps // 10, 1)}", *common, *plan.itc_overrides))
-
 
     def probes() -> None:
         for probe in plan.probes:  # the weights the task's fine-tuning starts from
