@@ -6,6 +6,7 @@ pixels are a few pixels wide, which keeps recognition learnable but not trivial.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -66,22 +67,30 @@ def random_scene(rng: random.Random, *, min_objects: int = 1, max_objects: int =
     return Scene(rng.choice(BACKGROUNDS), rng.randint(50, 120), tuple(objects), rng.getrandbits(32))
 
 
-def _background(scene: Scene, size: int) -> np.ndarray:
-    rng = np.random.default_rng(scene.texture_seed)
-    tint = rng.integers(-20, 21, size=3)
-    base = np.clip(scene.tone + tint, 0, 255).astype(np.float32)
+@functools.lru_cache(maxsize=16)
+def _pattern(background: str, size: int) -> np.ndarray:
+    """The background's texture, 0 or 1 per pixel (read-only; the same for every scene of a size)."""
     ys, xs = np.mgrid[0:size, 0:size]
     period = max(4, size // 8)
-    if scene.background == "striped":
+    if background == "striped":
         pattern = ((xs + ys) // (period // 2) % 2).astype(np.float32)
-    elif scene.background == "checkered":
+    elif background == "checkered":
         pattern = ((xs // period + ys // period) % 2).astype(np.float32)
-    elif scene.background == "dotted":
+    elif background == "dotted":
         pattern = (((xs % period) - period / 2) ** 2 + ((ys % period) - period / 2) ** 2 < (period / 4) ** 2)
         pattern = pattern.astype(np.float32)
     else:
         pattern = np.zeros((size, size), np.float32)
-    image = base[None, None, :] + 25.0 * pattern[..., None] + rng.normal(0, 6, (size, size, 3))
+    pattern = 25.0 * pattern[..., None]
+    pattern.flags.writeable = False
+    return pattern
+
+
+def _background(scene: Scene, size: int) -> np.ndarray:
+    rng = np.random.default_rng(scene.texture_seed)
+    tint = rng.integers(-20, 21, size=3)
+    base = np.clip(scene.tone + tint, 0, 255).astype(np.float32)
+    image = base[None, None, :] + _pattern(scene.background, size) + rng.normal(0, 6, (size, size, 3))
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
