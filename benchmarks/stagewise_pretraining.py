@@ -1,6 +1,6 @@
 """Stage-wise (VLMo) against joint masked data modeling at the same total budget.
 
-    python benchmarks/stagewise_pretraining.py --demo runs/demo [--steps 1500] [--out runs/stagewise]
+    python benchmarks/stagewise_pretraining.py --demo runs/demo [--steps N] [--out runs/stagewise]
 
 Reads a finished ``beit3 demo`` folder: its medium synthetic world, its text and visual tokenizers
 and its joint pretraining run (``configs/pretrain_tiny.yaml``, ``--steps`` steps). Pretrains the same
@@ -17,33 +17,15 @@ import json
 import time
 from pathlib import Path
 
-from beit3.cli import main as cli
-from beit3.demo.pipeline import PROBES, configs_dir, final_metrics
+from beit3.demo.pipeline import PROBES, DemoPlan, call, configs_dir, final_metrics, run_probe
 from beit3.pretraining.task import STREAMS
-
-
-def _call(*args: object) -> None:
-    if cli([str(a) for a in args]):
-        raise SystemExit(f"beit3 {' '.join(map(str, args))} failed")
-
-
-def probe_scores(world: Path, model: Path | None, out: Path, threads: int | None) -> dict[str, float]:
-    scores = {}
-    for probe in PROBES:
-        target = out / f"{probe.name}.json"
-        if not target.is_file():
-            _call("probe", "--recipe", configs_dir() / probe.recipe, "--features", probe.features, "--output", target,
-                  f"data.root={world / 'index'}", f"task.options.tokenizer={world / 'tokenizer'}", "train.seed=0",
-                  *([f"train.threads={threads}"] if threads else []),
-                  *([f"model.pretrained={model}"] if model is not None else []))
-        scores[probe.name] = json.loads(target.read_text())["score"]
-    return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, required=True, help="a finished `beit3 demo` output folder")
-    parser.add_argument("--steps", type=int, default=1500, help="the joint run's steps (the demo's: 1500)")
+    demo_steps = DemoPlan.full().pretrain_steps
+    parser.add_argument("--steps", type=int, default=demo_steps, help=f"the joint run's steps (the demo's: {demo_steps})")
     parser.add_argument("--out", type=Path, default=Path("runs/stagewise"))
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
@@ -59,10 +41,10 @@ def main() -> None:
     run = args.out / "pretrain_stagewise"
     began = time.perf_counter()
     if not (run / "final").is_dir():
-        _call("pretrain", "--recipe", configs_dir() / "pretrain_tiny.yaml", f"data.root={world}",
-              f"train.output_dir={run}", f"schedule.max_steps={args.steps}", f"train.eval_every={args.steps}",
-              f"train.checkpoint_every={args.steps}", "task.options.tokenizer=tokenizer", "train.resume=auto",
-              f"task.options.stages=[{stages}]", *([f"train.threads={args.threads}"] if args.threads else []))
+        call("pretrain", "--recipe", configs_dir() / "pretrain_tiny.yaml", f"data.root={world}",
+             f"train.output_dir={run}", f"schedule.max_steps={args.steps}", f"train.eval_every={args.steps}",
+             f"train.checkpoint_every={args.steps}", "task.options.tokenizer=tokenizer", "train.resume=auto",
+             f"task.options.stages=[{stages}]", *([f"train.threads={args.threads}"] if args.threads else []))
     seconds = time.perf_counter() - began
     models = {"joint": args.demo / "runs" / "pretrained", "stagewise": args.out / "stagewise_model"}
     if not (models["stagewise"] / "config.json").is_file():
@@ -70,7 +52,9 @@ def main() -> None:
     result: dict[str, dict] = {}
     for name, model in (("joint", models["joint"]), ("stagewise", models["stagewise"]), ("random init", None)):
         held_out = final_metrics(joint if name == "joint" else run) if model is not None else {}
-        result[name] = {"probes": probe_scores(world, model, args.out / "probes" / name.replace(" ", "_"), args.threads),
+        folder = args.out / "probes" / name.replace(" ", "_")
+        result[name] = {"probes": {probe.name: run_probe(probe, world, model, folder / f"{probe.name}.json",
+                                                         threads=args.threads) for probe in PROBES},
                         "held_out": {s: held_out.get(f"{s}_loss") for s in STREAMS}}
     result["stagewise_seconds"] = round(seconds, 1)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

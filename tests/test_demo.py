@@ -44,12 +44,12 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     itc = yaml.safe_load((out / "runs" / "itc" / "run.yaml").read_text())
     assert itc["task"]["name"] == "itc" and itc["model"]["pretrained"] == str(out / "runs" / "pretrained")
     assert "contrastive tuning" in table
-    # VQA fine-tunes on a tenth of its questions, both starts, the others on all their samples
+    # VQA fine-tunes on a twentieth of its questions, both starts, the others on all their samples
     fractions = {task: {start: yaml.safe_load((out / "runs" / f"{task}_{start}" / "run.yaml").read_text())["data"]
                         ["train_fraction"] for start in ("pretrained", "scratch")} for task in TASKS}
-    assert fractions["vqav2"] == {"pretrained": 0.1, "scratch": 0.1}
+    assert fractions["vqav2"] == {"pretrained": 0.05, "scratch": 0.05}
     assert all(value == {"pretrained": 1.0, "scratch": 1.0} for task, value in fractions.items() if task != "vqav2")
-    assert "fine-tune vqav2 on 10% of the training samples" in table
+    assert "fine-tune vqav2 on 5% of the training samples" in table
     # pretraining really ran: the held-out text loss fell well below ln(vocabulary), where it starts
     pre = results["pretraining"]
     vocabulary = results["plan"]["text_pieces"] + 2
@@ -175,3 +175,25 @@ def test_seeds_are_reported_as_mean_gain_and_spread(tmp_path):
                      finetunes=(FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", 10,
                                              train_fraction=0.25),))
     assert "fine-tune classification on 25% of the training samples" in results_markdown(collect_results(tmp_path, fewer))
+
+
+def test_fine_tunings_side_by_side_skip_finished_runs_and_name_the_log_of_a_failure(tmp_path, capsys):
+    """`--jobs 2`: each fine-tuning its own `beit3` process with its output in a log; a finished run is
+    skipped without a process, a failed one raises naming its log, after the others have finished."""
+    import pytest
+
+    from beit3.demo.pipeline import Stages
+
+    done = tmp_path / "runs" / "finished" / "final" / "config.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    stages = Stages(total=2, fresh=False)
+    missing = tmp_path / "missing.yaml"
+    works = [("finished run", done, ["finetune", "--recipe", missing]),
+             ("broken run", tmp_path / "runs" / "broken" / "final" / "config.json", ["finetune", "--recipe", missing])]
+    with pytest.raises(RuntimeError, match=r"'broken run' failed with exit status \d+ \(its output: .*broken\.log\)"):
+        stages.run_together(works, tmp_path / "logs", threads=1)
+    printed = capsys.readouterr().out
+    assert "[1/2] finished run: already done" in printed and "[2/2] broken run" in printed
+    assert not (tmp_path / "logs" / "finished.log").exists()
+    assert "missing.yaml" in (tmp_path / "logs" / "broken.log").read_text()

@@ -1,8 +1,9 @@
 """`beit3 demo`: the default job, a complete BEiT-3 run on the built-in synthetic world.
 
 Every stage runs the same command a user would type (``beit3 data synthetic``, ``beit3 tokenizer
-train``, ``beit3 visual-tokenizer train``, ``beit3 pretrain``, ``beit3 finetune``), in this process,
-so the demo exercises the real code paths. See :mod:`beit3.demo.pipeline` for the stages and
+train``, ``beit3 visual-tokenizer train``, ``beit3 pretrain``, ``beit3 finetune``), in this process
+(the fine-tunings two at a time, each in its own process, on a machine with two cores or more), so
+the demo exercises the real code paths. See :mod:`beit3.demo.pipeline` for the stages and
 :mod:`beit3.demo.report` for the pictures.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 
 EXAMPLES = """\
 examples:
-  # the whole run (10-17 minutes on 2 CPU cores): data, tokenizers, pretraining, probes, 10 fine-tunings
+  # the whole run (about 13 minutes on 2 CPU cores): data, tokenizers, pretraining, probes, 10 fine-tunings
   beit3 demo
   # a smoke run of every stage in about 2 minutes
   beit3 demo --quick --out runs/demo_quick
@@ -52,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default: %(default)s; 3 takes about three times the fine-tuning time)")
     parser.add_argument("--threads", type=int, help="CPU threads per training run (train.threads; default: PyTorch's, "
                         "one per core; 1 is much faster on a machine shared with other jobs)")
+    parser.add_argument("--jobs", type=int, help="fine-tunings run at once, each its own process (default: 2 on a "
+                        "machine with 2 cores or more; 1: one by one in this process)")
     parser.set_defaults(func=_run)
 
 
@@ -61,5 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = DemoPlan.quick() if args.quick else DemoPlan.full()
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    run_demo(args.out, plan, seed=args.seed, fresh=args.fresh, threads=args.threads, seeds=args.seeds)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    run_demo(args.out, plan, seed=args.seed, fresh=args.fresh, threads=args.threads, seeds=args.seeds, jobs=args.jobs)
     return 0
