@@ -197,3 +197,30 @@ def test_fine_tunings_side_by_side_skip_finished_runs_and_name_the_log_of_a_fail
     assert "[1/2] finished run: already done" in printed and "[2/2] broken run" in printed
     assert not (tmp_path / "logs" / "finished.log").exists()
     assert "missing.yaml" in (tmp_path / "logs" / "broken.log").read_text()
+
+
+def test_an_interrupted_side_by_side_stage_stops_its_runs(tmp_path, monkeypatch):
+    """Ctrl-C while fine-tunings run side by side stops them too (a rerun resumes them)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from beit3.demo import pipeline
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(args, **kwargs):  # a run that would go on for a minute
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", popen)
+    monkeypatch.setattr(pipeline.time, "sleep", interrupt)
+    works = [(f"run {k}", tmp_path / f"run{k}" / "final" / "config.json", ["finetune"]) for k in range(2)]
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.Stages(total=2, fresh=False).run_together(works, tmp_path / "logs", threads=1)
+    assert len(started) == 2 and all(process.poll() is not None for process in started)

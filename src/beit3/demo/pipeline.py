@@ -4,8 +4,9 @@ Each stage writes into its own folder under ``out`` and is skipped when its outp
 there, so an interrupted demo continues where it stopped (``--fresh`` redoes everything). The
 training stages run with ``--resume auto``: a stage killed half-way continues from its newest
 checkpoint (or starts afresh, its metrics file cut back, when it had none). The
-stages call :func:`beit3.cli.main` with the arguments a user would type, which keeps the demo
-honest: it can only show what the commands do.
+stages call :func:`beit3.cli.main` with the arguments a user would type (the fine-tunings, two at a
+time, run ``beit3`` processes with them), which keeps the demo honest: it can only show what the
+commands do.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def _finetunes(scale: float) -> tuple[FinetuneSpec, ...]:
     # against 27.9 top-1, 3 seeds), captioning (CIDEr 1.02 against 0.63) and NLVR2 (77.3 against
     # 72.0) -- docs/demo.md. Budgets measured with 3 seeds from the 1,000-step tuned model, the
     # shorter ones to pay for that tuning: NLVR2 gains +12.0 +- 7.1 in 500 steps (+8.7 +- 4.4 in 800),
-    # captioning +0.15 +- 0.08 in 1,000 (+0.27 +- 0.08 in 1,600).
+    # captioning +0.15 +- 0.07 in 1,000 (+0.27 +- 0.08 in 1,600).
     return (
         FinetuneSpec("classification", "tiny_imagenet.yaml", "classification (top-1 %)", steps(300),
                      ("task.options.mixup=0.0", "task.options.cutmix=0.0")),
@@ -162,16 +163,21 @@ class Stages:
                                            stdout=handle, stderr=subprocess.STDOUT)
             running.append((title, log, process, time.perf_counter()))
         failed = []
-        while running:
-            time.sleep(0.2)
-            for item in [item for item in running if item[2].poll() is not None]:
-                title, log, process, began = item
-                running.remove(item)
-                self.timings[title] = time.perf_counter() - began
-                if process.returncode:
-                    failed.append(f"'{title}' failed with exit status {process.returncode} (its output: {log})")
-                else:
-                    print(f"    {title}: done in {self.timings[title]:.0f} s", flush=True)
+        try:
+            while running:
+                time.sleep(0.2)
+                for item in [item for item in running if item[2].poll() is not None]:
+                    title, log, process, began = item
+                    running.remove(item)
+                    self.timings[title] = time.perf_counter() - began
+                    if process.returncode:
+                        failed.append(f"'{title}' failed with exit status {process.returncode} (its output: {log})")
+                    else:
+                        print(f"    {title}: done in {self.timings[title]:.0f} s", flush=True)
+        finally:  # interrupted: stop the runs still going (a rerun resumes them from their checkpoints)
+            for _, _, process, _ in running:
+                process.terminate()
+                process.wait()
         if failed:
             raise RuntimeError("; ".join(failed))
 
