@@ -64,7 +64,5 @@ def _run(args: argparse.Namespace) -> int:
     plan = DemoPlan.quick() if args.quick else DemoPlan.full()
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     run_demo(args.out, plan, seed=args.seed, fresh=args.fresh, threads=args.threads, seeds=args.seeds, jobs=args.jobs)
     return 0

@@ -130,34 +130,33 @@ class Stages:
         self.start = time.perf_counter()
         self.timings: dict[str, float] = {}
 
-    def run(self, title: str, done: Path, work: Callable[[], None]) -> None:
+    def _starts(self, title: str, done: Path, note: str = "") -> bool:
+        """Number the stage and print its header; False (and says so) when ``done`` exists."""
         self.number += 1
-        elapsed = time.perf_counter() - self.start
         header = f"[{self.number}/{self.total}] {title}"
         if done.exists() and not self.fresh:
             print(f"{header}: already done ({done}), skipped", flush=True)
+            return False
+        print(f"\n{header}  (demo time so far {(time.perf_counter() - self.start) / 60:.1f} min{note})", flush=True)
+        return True
+
+    def run(self, title: str, done: Path, work: Callable[[], None]) -> None:
+        if not self._starts(title, done):
             return
-        print(f"\n{header}  (demo time so far {elapsed / 60:.1f} min)", flush=True)
         began = time.perf_counter()
         work()
         self.timings[title] = time.perf_counter() - began
         print(f"    done in {self.timings[title]:.0f} s", flush=True)
-
 
     def run_together(self, works: list[tuple[str, Path, list[str]]], logs: Path, threads: int) -> None:
         """Run ``(title, done, beit3 arguments)`` at once, each a ``beit3`` process of ``threads`` CPU
         threads with its output in ``logs/<done's run folder>.log``; skipped as :meth:`run` skips."""
         running: list[tuple[str, Path, subprocess.Popen, float]] = []
         for title, done, args in works:
-            self.number += 1
-            header = f"[{self.number}/{self.total}] {title}"
-            if done.exists() and not self.fresh:
-                print(f"{header}: already done ({done}), skipped", flush=True)
-                continue
             log = logs / f"{done.parent.parent.name}.log"
+            if not self._starts(title, done, f"; output in {log}"):
+                continue
             log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"\n{header}  (demo time so far {(time.perf_counter() - self.start) / 60:.1f} min; output in {log})",
-                  flush=True)
             with log.open("w", encoding="utf-8") as handle:  # the child keeps its own descriptor
                 process = subprocess.Popen([sys.executable, "-m", "beit3", *map(str, args), f"train.threads={threads}"],
                                            stdout=handle, stderr=subprocess.STDOUT)
